@@ -204,40 +204,43 @@ def from_hf_dict(raw: dict) -> Llama4Config:
         raise ConfigError(f"config.json lacks required Llama 4 field {e.args[0]!r}") from None
 
 
-def _ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-    hidden = int(2 * (4 * dim) / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+def _meta_ffn_dims(p: dict, moe: dict) -> tuple[int, int]:
+    """(expert width, dense width) the way llama-models sizes its FFNs from params.json."""
+    dim = int(p["dim"])
+    multiple_of = int(p.get("multiple_of", 256))
+    hidden = int(2 * float(p.get("ffn_exp", 4)) * dim / 3)
+    if p.get("ffn_dim_multiplier") is not None:
+        hidden = int(float(p["ffn_dim_multiplier"]) * hidden)
+
+    def round_up(x: int) -> int:
+        return x + (-x % multiple_of)
+
+    expert = hidden
+    if moe.get("auto_scale_F"):
+        expert = int(hidden / (float(moe.get("capacity_factor", 1.0)) + 1))
+    return round_up(expert), round_up(hidden)
 
 
 def from_params_dict(p: dict) -> Llama4Config:
     """Parse Meta's original params.json (llama-models ModelArgs)."""
+    p = p.get("model", p)
     moe = p.get("moe_args")
     if moe is None or "dim" not in p:
         raise ConfigError("not a Llama 4 checkpoint: params.json has no 'moe_args' (Llama 4 original layout expected)")
     dim = int(p["dim"])
     n = int(p["n_layers"])
     heads = int(p["n_heads"])
-    head_dim = dim // heads
-    multiple_of = int(p.get("multiple_of", 256))
-    mult = p.get("ffn_dim_multiplier")
-    # llama-models: dense FFN hidden = ffn_dim(4*dim); experts use ffn_exp * that (auto-scaled in MoE)
-    dense_hidden = _ffn_dim(dim, multiple_of, mult)
-    expert_hidden = int(p.get("expert_hidden_dim") or _ffn_dim(dim, multiple_of, mult) * moe.get("auto_scale_F", 1))
-    if "intermediate_size" in p:
-        expert_hidden = int(p["intermediate_size"])
-    if "intermediate_size_mlp" in p:
-        dense_hidden = int(p["intermediate_size_mlp"])
-    step = int(p.get("interleave_moe_layer_step", 1))
+    head_dim = int(p.get("head_dim") or dim // heads)
+    expert_hidden, dense_hidden = _meta_ffn_dims(p, moe)
+    step = int(moe.get("interleave_moe_layer_step", p.get("interleave_moe_layer_step", 1)))
     interval = p.get("nope_layer_interval")
     rope_layers = tuple(True for _ in range(n)) if not interval else tuple((i + 1) % int(interval) != 0 for i in range(n))
     scaling = None
     if p.get("use_scaled_rope"):
         scaling = RopeScaling(
-            factor=float(p.get("rope_scaling_factor", 16.0)),
-            low_freq_factor=float(p.get("rope_low_freq_factor", 1.0)),
-            high_freq_factor=float(p.get("rope_high_freq_factor", 1.0)),
+            factor=float(p.get("rope_scaling_factor") or 8.0),
+            low_freq_factor=float(p.get("rope_low_freq_factor") or 1.0),
+            high_freq_factor=float(p.get("rope_high_freq_factor") or 4.0),
             original_max_position_embeddings=int(p.get("rope_original_max_position_embeddings", 8192)),
         )
     return Llama4Config(

@@ -1,0 +1,162 @@
+"""Canonical tensor naming and the reader interface shared by every checkpoint layout.
+
+Canonical names (all matrices are Linear-style [out, in]):
+
+    tok_embeddings [V, H]      norm [H]      output [V, H]
+    layers.N.attn_norm [H]     layers.N.ffn_norm [H]
+    layers.N.wq [nh*hd, H]     layers.N.wk / wv [nkv*hd, H]     layers.N.wo [H, nh*hd]
+    MoE layers:   layers.N.router [E, H]
+                  layers.N.experts.gate / experts.up [E, I, H]   layers.N.experts.down [E, H, I]
+                  layers.N.shared.gate / shared.up [I, H]        layers.N.shared.down [H, I]
+    dense layers: layers.N.mlp.gate / mlp.up [Imlp, H]           layers.N.mlp.down [H, Imlp]
+
+Readers never load more than the tensor asked for; experts can be read one at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .config import Llama4Config
+
+EXPERT_KINDS = ("gate", "up", "down")
+
+
+def expected_shapes(cfg: Llama4Config) -> dict[str, tuple[int, ...]]:
+    H, V, I, Im, E = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.intermediate_size_mlp, cfg.num_experts
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings": (V, H), "norm": (H,)}
+    if not cfg.tie_word_embeddings:
+        shapes["output"] = (V, H)
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        shapes.update(
+            {
+                p + "attn_norm": (H,),
+                p + "ffn_norm": (H,),
+                p + "wq": (cfg.q_dim, H),
+                p + "wk": (cfg.kv_dim, H),
+                p + "wv": (cfg.kv_dim, H),
+                p + "wo": (H, cfg.q_dim),
+            }
+        )
+        if cfg.is_moe(i):
+            shapes.update(
+                {
+                    p + "router": (E, H),
+                    p + "experts.gate": (E, I, H),
+                    p + "experts.up": (E, I, H),
+                    p + "experts.down": (E, H, I),
+                    p + "shared.gate": (I, H),
+                    p + "shared.up": (I, H),
+                    p + "shared.down": (H, I),
+                }
+            )
+        else:
+            shapes.update({p + "mlp.gate": (Im, H), p + "mlp.up": (Im, H), p + "mlp.down": (H, Im)})
+    return shapes
+
+
+def expected_shapes_layer(cfg: Llama4Config, i: int) -> dict[str, tuple[int, ...]]:
+    p = f"layers.{i}."
+    return {k: v for k, v in expected_shapes(cfg).items() if k.startswith(p)}
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class CheckpointReader:
+    """Base class: subclasses implement `_read`, `_read_expert`, `_shape`, `_has`."""
+
+    config: Llama4Config
+    path: Path
+    layout: str = "?"
+
+    # -- to implement ---------------------------------------------------------------
+    def _has(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _read(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _read_expert(self, layer: int, kind: str, e: int) -> torch.Tensor:
+        """Expert e's `kind` matrix ([out, in]); default slices the stacked tensor."""
+        return self._read(f"layers.{layer}.experts.{kind}")[e]
+
+    def vision_tensors(self) -> list[TensorInfo]:
+        return []
+
+    def source_dtype(self) -> torch.dtype:
+        return torch.bfloat16
+
+    def close(self) -> None:
+        pass
+
+    # -- public ---------------------------------------------------------------------
+    def read(self, name: str) -> torch.Tensor:
+        if name == "output" and self.config.tie_word_embeddings:
+            name = "tok_embeddings"
+        t = self._read(name)
+        self._check_finite(name, t)
+        return t
+
+    def read_expert(self, layer: int, kind: str, e: int) -> torch.Tensor:
+        t = self._read_expert(layer, kind, e)
+        self._check_finite(f"layers.{layer}.experts.{kind}[{e}]", t)
+        return t
+
+    def _check_finite(self, name: str, t: torch.Tensor) -> None:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{self.path}: tensor {name} holds {bad} NaN/inf values (corrupt checkpoint?)")
+
+    def validate(self) -> None:
+        """Every tensor the config implies exists with the right shape (metadata only, no data read)."""
+        for name, shape in expected_shapes(self.config).items():
+            if not self._has(name):
+                raise CheckpointError(f"{self.path}: missing tensor {self.describe(name)} (incomplete checkpoint?)")
+            got = tuple(self._shape(name))
+            if got != shape:
+                raise CheckpointError(
+                    f"{self.path}: tensor {self.describe(name)} has shape {list(got)}, config implies {list(shape)}"
+                )
+
+    def describe(self, name: str) -> str:
+        """Name as the user's checkpoint spells it (for error messages)."""
+        return name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_checkpoint(path: str | Path, validate: bool = True) -> CheckpointReader:
+    """Open a local checkpoint directory in HF (sharded safetensors) or Meta (consolidated.NN.pth) layout."""
+    from .config import load_config
+
+    path = Path(path)
+    cfg = load_config(path)
+    if cfg.source_format == "meta":
+        from .meta_reader import MetaReader
+
+        root = path if (path / "params.json").exists() else path / "original"
+        reader: CheckpointReader = MetaReader(root, cfg)
+    else:
+        from .hf_reader import HFReader
+
+        reader = HFReader(path, cfg)
+    if validate:
+        reader.validate()
+    return reader

@@ -1,0 +1,204 @@
+"""Hugging Face layout: sharded safetensors + model.safetensors.index.json, memory-mapped, lazy."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import CheckpointError
+from .checkpoint import CheckpointReader, TensorInfo
+from .config import Llama4Config
+
+# canonical suffix -> HF suffix (after "<prefix>layers.N.")
+_LAYER_MAP = {
+    "attn_norm": "input_layernorm.weight",
+    "ffn_norm": "post_attention_layernorm.weight",
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight",
+    "router": "feed_forward.router.weight",
+    "shared.gate": "feed_forward.shared_expert.gate_proj.weight",
+    "shared.up": "feed_forward.shared_expert.up_proj.weight",
+    "shared.down": "feed_forward.shared_expert.down_proj.weight",
+    "mlp.gate": "feed_forward.gate_proj.weight",
+    "mlp.up": "feed_forward.up_proj.weight",
+    "mlp.down": "feed_forward.down_proj.weight",
+}
+_VISION = re.compile(r"^(vision_model|multi_modal_projector)\.")
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def to_hf_name(name: str, model_prefix: str = "language_model.model.", head: str = "language_model.lm_head.weight") -> str:
+    """HF tensor name of a canonical non-expert name (see checkpoint.py)."""
+    if name == "tok_embeddings":
+        return model_prefix + "embed_tokens.weight"
+    if name == "norm":
+        return model_prefix + "norm.weight"
+    if name == "output":
+        return head
+    m = _LAYER.match(name)
+    if not m or m.group(2) not in _LAYER_MAP:
+        raise KeyError(name)
+    return f"{model_prefix}layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+
+
+class HFReader(CheckpointReader):
+    layout = "hf"
+
+    def __init__(self, path: Path, cfg: Llama4Config):
+        self.path = Path(path)
+        self.config = cfg
+        self.weight_map = self._weight_map()
+        keys = self.weight_map.keys()
+        if any(k.startswith("language_model.") for k in keys):
+            self.model_prefix, self.head_name = "language_model.model.", "language_model.lm_head.weight"
+        else:
+            self.model_prefix, self.head_name = "model.", "lm_head.weight"
+        self._files: dict[str, object] = {}
+        self._unfused = any(".feed_forward.experts.0." in k for k in keys)
+
+    # -- file handling ------------------------------------------------------------
+    def _weight_map(self) -> dict[str, str]:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                wm = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            missing = sorted({f for f in wm.values() if not (self.path / f).exists()})
+            if missing:
+                raise CheckpointError(
+                    f"{self.path}: missing shard {missing[0]}"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                    + " listed in model.safetensors.index.json"
+                )
+            return wm
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.path}: no safetensors files (and no model.safetensors.index.json)")
+        wm = {}
+        for f in files:
+            for k in self._open(f.name).keys():
+                wm[k] = f.name
+        return wm
+
+    def _open(self, fname: str):
+        h = self._files.get(fname)
+        if h is None:
+            fpath = self.path / fname
+            try:
+                h = safe_open(str(fpath), framework="pt")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{fpath}: unreadable safetensors file ({e}); truncated or corrupt download?") from None
+            self._check_size(fpath, h)
+            self._files[fname] = h
+        return h
+
+    @staticmethod
+    def _check_size(fpath: Path, handle) -> None:
+        # safetensors maps lazily: a truncated file would fail only when a late tensor is touched.
+        with open(fpath, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        size = fpath.stat().st_size
+        if size < 8 + header_len + end:
+            raise CheckpointError(
+                f"{fpath}: truncated safetensors file ({size} bytes, header promises {8 + header_len + end})"
+            )
+
+    def close(self) -> None:
+        self._files.clear()
+
+    # -- naming ---------------------------------------------------------------------
+    def _hf_name(self, name: str) -> str:
+        m = _LAYER.match(name)
+        if m and m.group(2).startswith("experts."):
+            p = f"{self.model_prefix}layers.{m.group(1)}.feed_forward.experts."
+            kind = m.group(2).split(".")[1]
+            if self._unfused:
+                return p + f"0.{kind}_proj.weight"
+            return p + ("down_proj" if kind == "down" else "gate_up_proj")
+        return to_hf_name(name, self.model_prefix, self.head_name)
+
+    def describe(self, name: str) -> str:
+        try:
+            return self._hf_name(name)
+        except KeyError:
+            return name
+
+    def _raw(self, hf_name: str) -> torch.Tensor:
+        return self._open(self.weight_map[hf_name]).get_tensor(hf_name)
+
+    def _raw_shape(self, hf_name: str) -> tuple[int, ...]:
+        return tuple(self._open(self.weight_map[hf_name]).get_slice(hf_name).get_shape())
+
+    # -- interface ------------------------------------------------------------------
+    def _has(self, name: str) -> bool:
+        return self._hf_name(name) in self.weight_map
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        raw = self._raw_shape(self._hf_name(name))
+        if not name.split(".", 2)[-1].startswith("experts."):
+            return raw
+        E = self.config.num_experts
+        if self._unfused:
+            return (E, *raw)
+        # fused HF tensors are [E, in, out]; gate_up holds gate then up on the last dim
+        if name.endswith("experts.down"):
+            return (raw[0], raw[2], raw[1])
+        return (raw[0], raw[2] // 2, raw[1])
+
+    def _read(self, name: str) -> torch.Tensor:
+        m = _LAYER.match(name)
+        if m and m.group(2).startswith("experts."):
+            kind = m.group(2).split(".")[1]
+            return torch.stack([self._read_expert(int(m.group(1)), kind, e) for e in range(self.config.num_experts)])
+        return self._raw(self._hf_name(name))
+
+    def _read_expert(self, layer: int, kind: str, e: int) -> torch.Tensor:
+        p = f"{self.model_prefix}layers.{layer}.feed_forward.experts."
+        if self._unfused:
+            return self._raw(f"{p}{e}.{kind}_proj.weight")
+        I = self.config.intermediate_size
+        if kind == "down":
+            name = p + "down_proj"
+            return self._open(self.weight_map[name]).get_slice(name)[e].t().contiguous()
+        name = p + "gate_up_proj"
+        w = self._open(self.weight_map[name]).get_slice(name)[e]  # [H, 2I]
+        w = w[:, :I] if kind == "gate" else w[:, I:]
+        return w.t().contiguous()
+
+    def validate(self) -> None:
+        super().validate()
+        if self._unfused:
+            for i in self.config.moe_layers:
+                for e in range(self.config.num_experts):
+                    for kind in ("gate", "up", "down"):
+                        n = f"{self.model_prefix}layers.{i}.feed_forward.experts.{e}.{kind}_proj.weight"
+                        if n not in self.weight_map:
+                            raise CheckpointError(f"{self.path}: missing tensor {n} (incomplete checkpoint?)")
+        for fname in sorted(set(self.weight_map.values())):
+            self._open(fname)
+
+    def vision_tensors(self) -> list[TensorInfo]:
+        out = []
+        for k, f in self.weight_map.items():
+            if _VISION.match(k):
+                sl = self._open(f).get_slice(k)
+                out.append(TensorInfo(k, tuple(sl.get_shape()), str(sl.get_dtype())))
+        return out
+
+    def read_raw(self, hf_name: str) -> torch.Tensor:
+        """A tensor by its file name (used to pass the vision tower through unchanged)."""
+        return self._raw(hf_name)
+
+    def source_dtype(self) -> torch.dtype:
+        name = self.model_prefix + "embed_tokens.weight"
+        code = self._open(self.weight_map[name]).get_slice(name).get_dtype()
+        return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(code, torch.bfloat16)
