@@ -1,0 +1,81 @@
+"""Round-to-nearest on any grid, and the result record RTN and GPTQ both return."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .grid import Grid, group_slices
+
+
+@dataclass
+class QuantRecord:
+    """What actually happened to one weight, for the run report.
+
+    method: "gptq" or "rtn" (RTN is also what GPTQ falls back to; `reason` then says why).
+    damp: relative damping GPTQ ended up using (fraction of mean diag(H)); None for RTN.
+    loss: with a Hessian H (= 2/n X^T X): tr(dW H dW^T) / 2, the mean over calibration tokens of
+      the squared output error ||dW x||^2; without one: the plain sum of squared weight errors
+      (`loss_kind` says which).
+    """
+
+    method: str
+    reason: str = ""
+    damp: float | None = None
+    loss: float = 0.0
+    loss_kind: str = "weight"  # "hessian" | "weight"
+    dead_columns: int = 0
+    n_tokens: int | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class QuantResult:
+    weight: torch.Tensor  # [out, in] float32, dequantized, every group on its grid
+    params: list[Any]  # grid params, one per group of input columns, in column order
+    record: QuantRecord = field(default_factory=lambda: QuantRecord("rtn"))
+
+    def finalize(self, grid: Any):
+        """The grid's packed form (QuantizedLinear for the int and fp8 grids)."""
+        return grid.finalize(self.weight, self.params)
+
+
+def weight_loss(
+    original: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor | None
+) -> tuple[float, str]:
+    """(loss, kind) as defined on QuantRecord."""
+    delta = original.to(torch.float32) - quantized.to(torch.float32)
+    if hessian is None or not bool(hessian.diagonal().any()):
+        return float(delta.square().sum()), "weight"
+    h = hessian.to(device=delta.device, dtype=torch.float32)
+    return float(((delta @ h) * delta).sum()) / 2, "hessian"
+
+
+@torch.no_grad()
+def rtn(
+    weight: torch.Tensor,
+    grid: Grid,
+    importance: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
+    reason: str = "",
+) -> QuantResult:
+    """Round every group of `weight` [out, in] to the nearest grid point.
+
+    importance: optional [in] per-column weights handed to grid.fit (MSE-weighted clipping);
+    hessian: optional, only used to report the loss in the record.
+    """
+    t0 = time.perf_counter()
+    w = weight.detach().to(torch.float32)
+    out = torch.empty_like(w)
+    params = []
+    for s in group_slices(w.shape[1], grid.group_size):
+        imp = None if importance is None else importance[s]
+        p = grid.fit(w[:, s], imp)
+        out[:, s] = grid.quantize(w[:, s], p, 0)
+        params.append(p)
+    loss, kind = weight_loss(w, out, hessian)
+    record = QuantRecord("rtn", reason, None, loss, kind, seconds=time.perf_counter() - t0)
+    return QuantResult(out, params, record)
