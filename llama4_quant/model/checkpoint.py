@@ -160,3 +160,19 @@ def open_checkpoint(path: str | Path, validate: bool = True) -> CheckpointReader
     if validate:
         reader.validate()
     return reader
+
+
+class TensorDictSource:
+    """An in-memory WeightSource over canonical tensors (training fixtures, tests)."""
+
+    def __init__(self, config: Llama4Config, tensors: dict[str, torch.Tensor]):
+        self.config = config
+        self.tensors = tensors
+
+    def read(self, name: str) -> torch.Tensor:
+        if name == "output" and self.config.tie_word_embeddings:
+            name = "tok_embeddings"
+        return self.tensors[name]
+
+    def read_expert(self, layer: int, kind: str, e: int) -> torch.Tensor:
+        return self.tensors[f"layers.{layer}.experts.{kind}"][e]

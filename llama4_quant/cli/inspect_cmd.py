@@ -1,0 +1,111 @@
+"""`llama4-quant inspect`: architecture, parameter counts and memory needs of a checkpoint or preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import emit_json, handle_errors
+from .units import SizeType, human
+
+
+def describe_model(model: str, context: int, gpu_mem: int | None) -> dict:
+    from ..model.config import from_hf_dict
+    from ..model.params import memory_table, param_counts
+    from ..model.presets import PRESETS, vision_param_count
+
+    if model.lower() in PRESETS:
+        preset = PRESETS[model.lower()]
+        cfg = from_hf_dict(preset["config"])
+        vision = vision_param_count(preset["config"]["vision_config"], cfg.hidden_size)
+        source = {"preset": model.lower(), "repo_id": preset["repo_id"]}
+    else:
+        from ..model.checkpoint import open_checkpoint
+        from .eval_cmd import _resolve
+
+        path = _resolve(model)
+        reader = open_checkpoint(path)
+        cfg = reader.config
+        vision = sum(_numel(t.shape) for t in reader.vision_tensors())
+        source = {"path": str(path), "layout": reader.layout}
+    arch = {
+        "layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "heads": cfg.num_heads,
+        "kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "experts": cfg.num_experts,
+        "experts_per_token": cfg.top_k,
+        "expert_ffn": cfg.intermediate_size,
+        "dense_ffn": cfg.intermediate_size_mlp,
+        "moe_layers": list(cfg.moe_layers),
+        "interleave_moe_layer_step": cfg.interleave_moe_layer_step,
+        "nope_layers": list(cfg.nope_layers),
+        "attention_chunk_size": cfg.attention_chunk_size,
+        "qk_norm": cfg.use_qk_norm,
+        "attn_temperature_tuning": cfg.attn_temperature_tuning,
+        "floor_scale": cfg.floor_scale,
+        "attn_scale": cfg.attn_scale,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if cfg.rope_scaling is None else {"rope_type": "llama3", **vars(cfg.rope_scaling)},
+    }
+    return {
+        "source": source,
+        "architecture": arch,
+        "params": param_counts(cfg, vision),
+        "memory": memory_table(cfg, context, gpu_mem, vision=0),
+        "context": context,
+        "gpu_mem_bytes": gpu_mem,
+    }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+@click.command("inspect")
+@click.argument("model")
+@click.option("--gpu-mem", type=SizeType(), default="80GB", show_default=True, help="GPU memory to plan for (80GB, 78GiB, ...).")
+@click.option("--context", default=8192, show_default=True, help="Context length for the KV-cache estimate.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@handle_errors
+def inspect_cmd(model, gpu_mem, context, as_json):
+    """Show MODEL's architecture, parameter counts by component and the memory each export scheme
+    needs (weights + bf16 KV cache for --context), and whether it fits --gpu-mem.
+
+    MODEL is a checkpoint directory (HF or Meta layout), a Hub repo id, or a preset: scout, maverick."""
+    info = describe_model(model, context, gpu_mem)
+    if as_json:
+        emit_json(info)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    a, p = info["architecture"], info["params"]
+    con.print(f"[bold]{model}[/bold]  {info['source']}")
+    moe = "all layers" if len(a["moe_layers"]) == a["layers"] else f"layers {a['moe_layers'][:6]}... (step {a['interleave_moe_layer_step']})"
+    con.print(
+        f"{a['layers']} layers, hidden {a['hidden_size']}, {a['heads']} heads / {a['kv_heads']} kv x {a['head_dim']}, "
+        f"vocab {a['vocab_size']}\nMoE: {a['experts']} experts, top-{a['experts_per_token']}, width {a['expert_ffn']}, on {moe}; "
+        f"dense width {a['dense_ffn']}\nNoPE layers {a['nope_layers'][:8]}{'...' if len(a['nope_layers']) > 8 else ''}; "
+        f"chunk {a['attention_chunk_size']}; qk norm {a['qk_norm']}; rope theta {a['rope_theta']:g}, scaling {a['rope_scaling']}"
+    )
+    t = Table(title="parameters")
+    t.add_column("component")
+    t.add_column("params", justify="right")
+    for k, v in p.items():
+        t.add_row(k, f"{v / 1e9:.3f} B" if v > 1e7 else f"{v:,}")
+    con.print(t)
+    m = Table(title=f"memory (KV cache for {context} tokens, bf16)")
+    for col in ("scheme", "weights", "kv cache", "total", f"fits {human(gpu_mem)}"):
+        m.add_column(col, justify="right")
+    for k, v in info["memory"].items():
+        m.add_row(k, human(v["weights_bytes"]), human(v["kv_cache_bytes"]), human(v["total_bytes"]),
+                  "yes" if v["fits"] else "no")
+    con.print(m)

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny Llama 4 checkpoints built by the repo's own code (session-scoped, deterministic)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama4_quant.testing.checkpoints import text_config, write_hf_checkpoint, write_meta_checkpoint
+
+VARIANTS = ("scout", "maverick", "chunked")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """{(variant, layout): path} for variants scout/maverick/chunked and layouts hf/text/meta, same weights."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for v in VARIANTS:
+        tc = text_config(v)
+        out[(v, "hf")] = write_hf_checkpoint(root / f"{v}-hf", tc)
+        out[(v, "text")] = write_hf_checkpoint(root / f"{v}-text", tc, layout="text")
+        out[(v, "meta")] = write_meta_checkpoint(root / f"{v}-meta", tc, shards=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_model() -> Path:
+    """The tiny trained checkpoint (cached across runs under ~/.cache/llama4-quant)."""
+    from llama4_quant.testing.trained import trained_checkpoint
+
+    return trained_checkpoint()
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `llama4-quant ARGS` in a subprocess (a real process: exit codes, stderr, memory)."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "llama4_quant", *args], capture_output=True, text=True, env=e, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
