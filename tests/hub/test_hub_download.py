@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -324,9 +325,17 @@ def test_cache_mode_and_offline_reuse(hub, tmp_path, monkeypatch):
 # the token never shows up (subprocess: everything the process prints or writes is ours to inspect)
 
 
+CLI_CODE = "import sys; from llama4_quant.cli.main import cli; sys.exit(cli(prog_name='llama4-quant'))"
+SRC_ROOT = str(Path(__file__).resolve().parents[2])  # works whether or not the package is pip-installed
+
+
+def _with_src(env):
+    return dict(env, PYTHONPATH=os.pathsep.join(filter(None, [SRC_ROOT, env.get("PYTHONPATH")])))
+
+
 def _cli_subprocess(args, env):
-    code = "import sys; from llama4_quant.cli.main import cli; sys.exit(cli(prog_name='llama4-quant'))"
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=60)
+    cmd = [sys.executable, "-c", CLI_CODE, *args]
+    return subprocess.run(cmd, env=_with_src(env), capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("source", ["flag", "env", "login"])
@@ -379,13 +388,12 @@ def test_ctrl_c_then_rerun_resumes(big_files, tmp_path):
     import time
 
     out = tmp_path / "out"
-    code = "import sys; from llama4_quant.cli.main import cli; sys.exit(cli(prog_name='llama4-quant'))"
     with HubStandIn() as h:
         h.add_repo(REPO, big_files)
         h.stall_after(REPO, SHARD2, 4 * 1024 * 1024)
         env = h.client_env(hf_home=str(tmp_path / "hf_home"))
-        args = [sys.executable, "-c", code, "download", REPO, "--local-dir", str(out)]
-        p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        args = [sys.executable, "-c", CLI_CODE, "download", REPO, "--local-dir", str(out)]
+        p = subprocess.Popen(args, env=_with_src(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert h.stalled.wait(30)
             finished = HF_FILES - {SHARD2}
