@@ -193,6 +193,20 @@ def test_corrupt_file_is_named_deleted_and_refetched(hub, tmp_path, bad):
     assert_identical(out, hub, REPO, HF_FILES)
 
 
+def test_corrupt_file_in_the_cache_loses_its_blob_too(hub, tmp_path):
+    hub.corrupt(REPO, SHARD1)
+    assert run(REPO).exit_code != 0
+    storage = tmp_path / "hf_home" / "hub" / f"models--{REPO.replace('/', '--')}"
+    sha = hub.file(REPO, SHARD1).sha256
+    assert not (storage / "blobs" / sha).exists()  # else huggingface_hub would re-link the bad blob
+    hub.corrupt(REPO, SHARD1, on=False)
+    r = run(REPO, "--json")
+    assert r.exit_code == 0, r.stderr
+    snap = Path(json.loads(r.stdout)["local_dir"])
+    assert (snap / SHARD1).read_bytes() == hub.file(REPO, SHARD1).data
+    assert hub.get_count(REPO, SHARD1) == 2 and hub.get_count(REPO, "config.json") == 1
+
+
 def test_gated_without_token_401(hub, tmp_path):
     r = run(GATED, "--local-dir", str(tmp_path / "out"))
     assert r.exit_code != 0
