@@ -1,0 +1,275 @@
+"""Vectorised scale searches of llama.cpp's k-quants, float32 operation for float32 operation.
+
+Every function here works on many blocks at once. Block data is laid out *position-major*: an array of
+shape ``(n, B)`` holds ``B`` blocks of ``n`` values each, so that ``a[i]`` is the i-th value of every block.
+Sums over a block are then strict left-to-right float32 additions (:func:`seq_sum`), which is what the C
+loops in ``ggml-quants.c`` compute; products keep the C evaluation order (``w*l*x`` is ``(w*l)*x``).
+With that, the searches below give the same floats as llama.cpp's reference quantizers built without
+FMA contraction (the x86-64 default), and so the same bytes.
+
+The functions return the *search* results (sub-block scales and mins as floats, the codes the search
+chose); turning them into 6/8-bit super-block fields is done by :mod:`llama4_quant.formats.gguf_quants`.
+This module only knows numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+F32 = np.float32
+GROUP_MAX_EPS = F32(1e-15)
+_MAGIC = F32(12582912.0)  # 1.5 * 2**23
+
+
+def nearest_int(v: np.ndarray) -> np.ndarray:
+    """llama.cpp's ``nearest_int``: add 1.5*2^23 in float32, read the low mantissa bits as an int.
+
+    Rounds half to even for |v| < 2^22; outside that range it returns the same (meaningless) values
+    as the C bit trick, which callers clamp.
+    """
+    t = np.add(v, _MAGIC, dtype=F32)
+    i = t.view(np.int32)
+    i &= 0x7FFFFF
+    i -= 0x400000
+    return i
+
+
+def _seq_sum_loop(a: np.ndarray) -> np.ndarray:
+    acc = a[0].copy()
+    for k in range(1, a.shape[0]):
+        acc += a[k]
+    return acc
+
+
+def _reduce_is_sequential() -> bool:
+    """numpy reduces over a non-contiguous (outer) axis row by row; check it once, cheaply."""
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal((32, 256)) * 10.0 ** rng.integers(-6, 6, size=(32, 256))).astype(F32)
+    return bool(np.array_equal(np.add.reduce(a, axis=0), _seq_sum_loop(a)))
+
+
+_REDUCE_OK = _reduce_is_sequential()
+
+
+def seq_sum(a: np.ndarray) -> np.ndarray:
+    """Left-to-right float32 sum over axis 0 of a C-contiguous (n, B) array, like a C loop."""
+    if _REDUCE_OK and a.flags.c_contiguous:
+        return np.add.reduce(a, axis=0)
+    return _seq_sum_loop(a)
+
+
+def _round_clip(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """In place: clamp to [lo, hi], then round half to even (== clamp(nearest_int(v)) for |v| < 2^22)."""
+    np.clip(v, F32(lo), F32(hi), out=v)
+    v += _MAGIC
+    v -= _MAGIC
+    return v
+
+
+def make_qkx_quants(
+    x: np.ndarray,
+    w: np.ndarray,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    v3: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted affine fit ``x ~ scale*L - the_min``, L in [0, nmax], per block of ``x`` (shape (n, B)).
+
+    ``v3=False`` is ``make_qkx2_quants`` (used by the reference Q4_K/Q5_K quantizers),
+    ``v3=True`` is ``make_qkx3_quants`` (the imatrix path); squared error. The candidate codes are
+    clamped before rounding, which equals C's round-then-clamp wherever C's ``nearest_int`` is
+    defined (|v| < 2^22; qkx3 clamps first too). Returns ``(scale[B], the_min[B], L[n, B] uint8)``.
+    """
+    fnmax = F32(nmax)
+    mn = x.min(axis=0)
+    mx = x.max(axis=0)
+    sum_w = seq_sum(w)
+    sum_x = seq_sum(w * x)
+    mn = np.where(mn > 0, F32(0), mn)
+    degenerate = (mx <= mn) if v3 else (mx == mn)
+    live = ~degenerate
+    # Degenerate blocks (all values equal and <= 0) return L = 0, scale 0, the_min = -min in C;
+    # give them a harmless range so the arithmetic below stays finite, and never update them.
+    mx = np.where(degenerate, mn + F32(1), mx)
+
+    v = np.empty_like(x)
+    t = np.empty_like(x)
+    u = np.empty_like(x)
+
+    def codes(iscale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        np.subtract(x, shift, out=v)
+        np.multiply(v, iscale, out=v)
+        return _round_clip(v, 0, nmax)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = fnmax / (mx - mn)
+        scale = F32(1) / iscale
+        best_iscale, best_shift = iscale, mn
+        lf = codes(iscale, mn)
+        np.multiply(lf, scale, out=t)
+        t += mn
+        t -= x
+        t *= t
+        t *= w
+        best = seq_sum(t)
+
+        for step in range(nstep + 1):
+            num = F32(rmin) + F32(rdelta) * F32(step) + fnmax
+            iscale = num / (mx - mn)
+            lf = codes(iscale, mn)
+            np.multiply(w, lf, out=t)
+            sum_l = seq_sum(t)
+            np.multiply(t, lf, out=u)
+            sum_l2 = seq_sum(u)
+            np.multiply(t, x, out=u)
+            sum_xl = seq_sum(u)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0
+            this_min = np.where(pos, F32(0), this_min)
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            np.multiply(lf, this_scale, out=t)
+            t += this_min
+            t -= x
+            t *= t
+            t *= w
+            cur = seq_sum(t)
+            upd = (D > 0) & (cur < best) & live
+            if upd.any():
+                best_iscale = np.where(upd, iscale, best_iscale)
+                best_shift = np.where(upd, mn, best_shift)
+                best = np.where(upd, cur, best)
+                scale = np.where(upd, this_scale, scale)
+                mn = np.where(upd, this_min, mn)
+        L = codes(best_iscale, best_shift).astype(np.uint8)
+
+    scale = np.where(live, scale, F32(0))
+    L[:, degenerate] = 0
+    return scale.astype(F32), (-mn).astype(F32), L
+
+
+def make_qx_quants(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric fit ``x ~ scale*l``, l in [-nmax, nmax-1], ``make_qx_quants(..., rmse_type=1, qw)``.
+
+    Weights are ``qw`` when given, else ``x*x``. Returns ``(scale[B], L[n, B] uint8)`` with
+    ``L = l + nmax`` (and L = 0 for an all-zero block, as the C code leaves it).
+    """
+    n, nb = x.shape
+    ax = np.abs(x)
+    imax = np.argmax(ax, axis=0)  # first maximal |x|, as the strict ">" scan in C
+    cols = np.arange(nb)
+    amax = ax[imax, cols]
+    mx = x[imax, cols]
+    zero = amax < GROUP_MAX_EPS
+    mx = np.where(zero, F32(1), mx)
+    w = x * x if qw is None else qw
+    wx = w * x
+    fnmax = F32(nmax)
+    v = np.empty_like(x)
+    t = np.empty_like(x)
+
+    def codes(iscale: np.ndarray) -> np.ndarray:
+        np.multiply(x, iscale, out=v)
+        return _round_clip(v, -nmax, nmax - 1)
+
+    def attempt(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lf = codes(iscale)
+        np.multiply(wx, lf, out=t)
+        sumlx = seq_sum(t)
+        np.multiply(w, lf, out=t)
+        np.multiply(t, lf, out=t)
+        return sumlx, seq_sum(t)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        best_iscale = -fnmax / mx
+        sumlx, suml2 = attempt(best_iscale)
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
+        best = scale * sumlx
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            iscale = -(fnmax + F32(0.1) * F32(step)) / mx
+            sumlx, suml2 = attempt(iscale)
+            upd = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            if upd.any():
+                best_iscale = np.where(upd, iscale, best_iscale)
+                scale = np.where(upd, sumlx / suml2, scale)
+                best = np.where(upd, scale * sumlx, best)
+        L = (codes(best_iscale) + fnmax).astype(np.uint8)
+
+    L[:, zero] = 0
+    scale = np.where(zero, F32(0), scale).astype(F32)
+    return scale, L
+
+
+def make_qp_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize non-negative values ``x`` (shape (n, B)) to ``scale*L``, L in [0, nmax], weights ``w``.
+
+    ``make_qp_quants``: used by the imatrix path to put the 8 sub-block scales (and mins) of a
+    super-block on a 6-bit grid. Returns ``(scale[B], L[n, B] uint8)``.
+    """
+    n, nb = x.shape
+    fnmax = F32(nmax)
+    mx = np.maximum(np.max(x, axis=0), F32(0))
+    zero = mx < GROUP_MAX_EPS
+    mx = np.where(zero, F32(1), mx)
+    wx = w * x
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = fnmax / mx
+        L8 = (nearest_int(iscale * x) & 0xFF).astype(F32)  # stored in a uint8 array in C
+        scale = F32(1) / iscale
+        diff = x - scale * L8
+        best = seq_sum((w * diff) * diff)
+        for step in range(-4, 5):
+            if step == 0:
+                continue
+            iscale_is = (F32(0.1) * F32(step) + fnmax) / mx
+            scale_is = F32(1) / iscale_is
+            lf = np.minimum(nearest_int(iscale_is * x), nmax).astype(F32)
+            diff = x - scale_is * lf
+            mse = seq_sum((w * diff) * diff)
+            better = mse < best
+            best = np.where(better, mse, best)
+            iscale = np.where(better, iscale_is, iscale)
+
+        li = np.minimum(nearest_int(iscale * x), nmax)
+        L = li & 0xFF
+        lf = li.astype(F32)
+        sumlx = seq_sum(wx * lf)
+        suml2 = seq_sum((w * lf) * lf)
+        for _ in range(5):  # a pass that changes nothing leaves the state as it was, so 5 passes always
+            for i in range(n):
+                wi, xi, wxi = w[i], x[i], wx[i]
+                Li = L[i].astype(F32)
+                slx = sumlx - wxi * Li
+                sl2 = suml2 - (wi * Li) * Li
+                ok = (slx > 0) & (sl2 > 0)
+                new_l = np.minimum(nearest_int((xi * sl2) / slx), nmax)
+                ok &= new_l != L[i]
+                nf = new_l.astype(F32)
+                slx = slx + wxi * nf
+                sl2 = sl2 + (wi * nf) * nf
+                ok &= (slx * slx) * suml2 > (sumlx * sumlx) * sl2
+                if ok.any():
+                    L[i] = np.where(ok, new_l & 0xFF, L[i])
+                    sumlx = np.where(ok, slx, sumlx)
+                    suml2 = np.where(ok, sl2, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
+    L = L.astype(np.uint8)
+    L[:, zero] = 0
+    scale = np.where(zero, F32(0), scale).astype(F32)
+    return scale, L
+
+
+def superblock_sum_x2(x: np.ndarray, sub_per_super: int) -> np.ndarray:
+    """Sequential sum of x^2 over each super-block; ``x`` is (n, S*sub_per_super) position-major."""
+    n = x.shape[0]
+    xx = (x * x).reshape(n, -1, sub_per_super)
+    acc = np.zeros(xx.shape[1], dtype=F32)
+    for j in range(sub_per_super):
+        for i in range(n):
+            acc += xx[i, :, j]
+    return acc
