@@ -45,3 +45,22 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint dir with tokenizer files, text file): random tiny Scout-like model, real tokenizer."""
+    from llama4_quant.testing.corpus import corpus_splits
+    from llama4_quant.testing.tokenizer import build_tokenizer, save_tokenizer_files, tokenizer_info
+
+    root = tmp_path_factory.mktemp("tok")
+    splits = corpus_splits(0)
+    tok = build_tokenizer(splits["train"][:200_000], vocab_size=300)
+    info = tokenizer_info(tok)
+    tc = text_config("chunked", vocab_size=info.vocab_size, bos_token_id=info.bos_id, eos_token_id=info.eos_id,
+                     pad_token_id=info.pad_id)
+    path = write_hf_checkpoint(root / "model", tc)
+    save_tokenizer_files(tok, path)
+    data = root / "test.txt"
+    data.write_text(splits["test"][:20_000])
+    return path, data

@@ -23,6 +23,16 @@ def _resolve(model: str) -> Path:
     return Path(resolve_model(model))
 
 
+def check_vocab(tokenizer_vocab: int, model_vocab: int, where) -> None:
+    from ..errors import Llama4QuantError
+
+    if tokenizer_vocab > model_vocab:
+        raise Llama4QuantError(
+            f"tokenizer {where} has {tokenizer_vocab} tokens but the model's vocabulary is {model_vocab}:"
+            " they do not belong together"
+        )
+
+
 @click.command("eval")
 @click.argument("model")
 @click.option("--data", "data", required=True, type=click.Path(exists=True, dir_okay=False), help="Text file to score.")
@@ -48,6 +58,7 @@ def eval_cmd(model, data, ctx, n_chunks, tokenizer_path, device, dtype, batch_si
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     tok = load_tokenizer(tokenizer_path or reader.path, bos_id=None)
+    check_vocab(tok.vocab_size, reader.config.vocab_size, tok.path)
     text = Path(data).read_text(encoding="utf-8", errors="replace")
     chunks = make_chunks(tok.encode(text), ctx, n_chunks, tok.bos_id)
     with progress_bar() as prog:

@@ -1,0 +1,65 @@
+"""`llama4-quant inspect`: exact parameter counts (presets and local checkpoints) and memory planning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def inspect_json(cli, *args):
+    proc = cli("inspect", *args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_scout_preset_counts(cli):
+    d = inspect_json(cli, "scout")
+    p = d["params"]
+    assert p["total"] == 107_769_861_120
+    assert p["routed_experts"] == 96_636_764_160
+    assert p["shared_experts"] == 6_039_797_760
+    assert p["attention"] == 3_019_898_880
+    assert p["embeddings"] == 2 * 202048 * 5120
+    assert p["dense_mlp"] == 0
+    a = d["architecture"]
+    assert a["nope_layers"] == list(range(3, 48, 4)) and a["qk_norm"] is True
+    assert a["rope_scaling"]["factor"] == 16.0
+    # int4 group-128 experts + shared: fits one 80 GB H100 with an 8K context; bf16 does not
+    assert d["memory"]["w4a16"]["fits"] is True
+    assert d["memory"]["bf16"]["fits"] is False
+    assert d["memory"]["w4a16"]["kv_cache_bytes"] == 192 * 1024 * 8192
+
+
+def test_maverick_preset_counts(cli):
+    p = inspect_json(cli, "maverick")["params"]
+    assert p["total"] == pytest.approx(400.7e9, rel=1e-3)
+    assert p["dense_mlp"] == 24 * 3 * 5120 * 16384
+    assert inspect_json(cli, "maverick", "--gpu-mem", "1TB")["memory"]["bf16"]["fits"] is True
+
+
+@pytest.mark.parametrize("variant", ["scout", "maverick"])
+def test_local_counts_match_transformers(tiny_checkpoints, cli, variant):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    path = tiny_checkpoints[(variant, "hf")]
+    p = inspect_json(cli, str(path))["params"]
+    model = transformers.Llama4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    text = sum(v.numel() for k, v in model.state_dict().items() if "language_model" in k)
+    vision = sum(v.numel() for k, v in model.state_dict().items() if "language_model" not in k)
+    assert p["total"] == text
+    assert p["vision"] == vision
+
+
+def test_meta_layout_inspect(tiny_checkpoints, cli):
+    hf = inspect_json(cli, str(tiny_checkpoints[("scout", "hf")]))
+    meta = inspect_json(cli, str(tiny_checkpoints[("scout", "meta")]))
+    assert meta["source"]["layout"] == "meta"
+    assert {k: v for k, v in meta["params"].items() if "vision" not in k} == {k: v for k, v in hf["params"].items() if "vision" not in k}
+
+
+def test_help_everywhere(cli):
+    for cmd in ([], ["inspect"], ["eval"], ["download"]):
+        proc = cli(*cmd, "--help")
+        assert proc.returncode == 0 and "Usage" in proc.stdout, cmd
