@@ -40,6 +40,7 @@ class Llama4Config:
     rope_layers: tuple[bool, ...]  # True where the layer uses RoPE (False: NoPE)
     rope_theta: float = 500000.0
     rope_scaling: RopeScaling | None = None
+    rope_freq_factors: tuple[float, ...] | None = None  # explicit per-frequency divisors (GGUF rope_freqs)
     rms_norm_eps: float = 1e-5
     use_qk_norm: bool = True
     attention_chunk_size: int | None = 8192
@@ -89,7 +90,7 @@ class Llama4Config:
 
         dim = self.head_dim
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-        if self.rope_scaling is None:
+        if self.rope_scaling is None and self.rope_freq_factors is None:
             return inv.float()
         return (inv / rope_freq_factors(self).double()).float()
 
@@ -98,6 +99,8 @@ def rope_freq_factors(cfg: Llama4Config):
     """Per-frequency divisors of llama3 rope scaling (what GGUF stores as rope_freqs)."""
     import torch
 
+    if cfg.rope_freq_factors is not None:
+        return torch.tensor(cfg.rope_freq_factors, dtype=torch.float32)
     dim = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     s = cfg.rope_scaling

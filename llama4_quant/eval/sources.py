@@ -1,0 +1,28 @@
+"""Open anything we read or produce as a WeightSource: a checkpoint (HF/Meta), a compressed-tensors
+output directory, or a GGUF file (single or split)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def open_any(model: str | Path):
+    path = Path(model)
+    if path.suffix == ".gguf" or (path.is_file() and _magic(path) == b"GGUF"):
+        from ..formats.gguf_read import open_gguf
+
+        return open_gguf(path)
+    from ..formats.ct_read import CompressedTensorsSource, is_compressed_tensors_dir
+
+    if is_compressed_tensors_dir(path):
+        src = CompressedTensorsSource(path)
+        src.validate()
+        return src
+    from ..model.checkpoint import open_checkpoint
+
+    return open_checkpoint(path)
+
+
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)

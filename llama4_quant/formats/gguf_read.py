@@ -1,0 +1,208 @@
+"""Read a llama4 GGUF (single or split) back as a WeightSource, decoded as llama.cpp decodes it.
+
+The config is what llama.cpp will run, not what the source checkpoint said: llama.cpp hard-codes for
+llama4 a chunk of 8192, temperature tuning (floor 8192, scale 0.1) on NoPE layers, NoPE every 4th layer,
+and qk-norm unless the model has exactly 128 experts; llama3 rope scaling comes from `rope_freqs`.
+Tensors are decoded with gguf-py's dequantizers (bit-exact with ggml's reference decoders).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from ..errors import CheckpointError
+from ..model.config import Llama4Config
+from .gguf_mix import gguf_name
+
+LLAMACPP_CHUNK = 8192
+LLAMACPP_FLOOR_SCALE = 8192.0
+LLAMACPP_ATTN_SCALE = 0.1
+LLAMACPP_NOPE_INTERVAL = 4
+
+_SPLIT = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
+
+
+@dataclass
+class GGUFTensorInfo:
+    name: str
+    type: str
+    shape: tuple[int, ...]  # numpy order (outermost first), as our canonical tensors
+    n_bytes: int
+    file: str
+
+
+def split_files(path: Path) -> list[Path]:
+    """All files of a split GGUF given any one of them (or the only file)."""
+    m = _SPLIT.match(path.name)
+    if not m:
+        return [path]
+    stem, n = m.group(1), int(m.group(3))
+    files = [path.with_name(f"{stem}-{k:05d}-of-{n:05d}.gguf") for k in range(1, n + 1)]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{path}: split GGUF is missing {missing[0]}")
+    return files
+
+
+def _open_reader(f: Path) -> GGUFReader:
+    try:
+        return GGUFReader(str(f), "r")
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise CheckpointError(f"{f}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); truncated or corrupt?") from None
+
+
+def _field(reader: GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+class GGUFSource:
+    """WeightSource over a llama4 GGUF: canonical names, dequantized to float32 on read."""
+
+    layout = "gguf"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such GGUF file")
+        self.files = split_files(self.path)
+        self.readers = [_open_reader(f) for f in self.files]
+        self.tensors = {}
+        for f, r in zip(self.files, self.readers):
+            for t in r.tensors:
+                self.tensors[t.name] = (t, f)
+        self.metadata = self.readers[0]
+        arch = _field(self.metadata, "general.architecture")
+        if arch != "llama4":
+            raise CheckpointError(f"{self.path}: GGUF architecture is {arch!r}, not 'llama4'")
+        self.config = self._config()
+
+    # -- metadata ---------------------------------------------------------------------
+    def key(self, name: str, default=None):
+        return _field(self.metadata, name, default)
+
+    def _config(self) -> Llama4Config:
+        k = lambda s, d=None: self.key(f"llama4.{s}", d)  # noqa: E731
+        try:
+            n = int(k("block_count"))
+            heads = int(k("attention.head_count"))
+            hidden = int(k("embedding_length"))
+            E = int(k("expert_count", 0))
+            step = int(k("interleave_moe_layer_step", 1))
+            head_dim = int(k("attention.key_length", hidden // heads))
+        except TypeError:
+            raise CheckpointError(f"{self.path}: GGUF lacks llama4 hyper-parameters (block_count, head_count, ...)") from None
+        vocab = self.key("llama4.vocab_size") or len(self.key("tokenizer.ggml.tokens", []))
+        swa = k("attention.sliding_window")
+        no_rope = swa == 0
+        rope_layers = tuple(True if no_rope else (i + 1) % LLAMACPP_NOPE_INTERVAL != 0 for i in range(n))
+        factors = None
+        if "rope_freqs.weight" in self.tensors:
+            factors = tuple(float(x) for x in self._array("rope_freqs.weight").reshape(-1))
+        return Llama4Config(
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            num_layers=n,
+            num_heads=heads,
+            num_kv_heads=int(k("attention.head_count_kv", heads)),
+            head_dim=head_dim,
+            intermediate_size=int(k("expert_feed_forward_length", 0)),
+            intermediate_size_mlp=int(k("feed_forward_length", 0)),
+            num_experts=E,
+            top_k=int(k("expert_used_count", 1)),
+            moe_layers=tuple(i for i in range(n) if step > 0 and (i + 1) % step == 0),
+            rope_layers=rope_layers,
+            rope_theta=float(k("rope.freq_base", 500000.0)),
+            rope_freq_factors=factors,
+            rms_norm_eps=float(k("attention.layer_norm_rms_epsilon", 1e-5)),
+            use_qk_norm=E != 128,
+            attention_chunk_size=None if no_rope else LLAMACPP_CHUNK,
+            attn_temperature_tuning=not no_rope,
+            floor_scale=LLAMACPP_FLOOR_SCALE,
+            attn_scale=LLAMACPP_ATTN_SCALE,
+            max_position_embeddings=int(k("context_length", 131072)),
+            interleave_moe_layer_step=step,
+            no_rope_layer_interval=LLAMACPP_NOPE_INTERVAL,
+            tie_word_embeddings="output.weight" not in self.tensors,
+            bos_token_id=self.key("tokenizer.ggml.bos_token_id"),
+            eos_token_id=self.key("tokenizer.ggml.eos_token_id"),
+            source_format="gguf",
+        )
+
+    # -- tensors ----------------------------------------------------------------------
+    def _array(self, gname: str) -> np.ndarray:
+        if gname not in self.tensors:
+            raise CheckpointError(f"{self.path}: GGUF has no tensor {gname}")
+        t, _ = self.tensors[gname]
+        qtype = T(int(t.tensor_type))
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if qtype in (T.F32, T.F16):
+            return np.asarray(t.data, dtype=np.float32).reshape(shape)
+        return np.asarray(dequantize(t.data, qtype), dtype=np.float32).reshape(shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        if name == "output" and self.config.tie_word_embeddings:
+            name = "tok_embeddings"
+        out = torch.from_numpy(self._array(gguf_name(name)))
+        if not bool(torch.isfinite(out).all()):
+            raise CheckpointError(f"{self.path}: tensor {gguf_name(name)} decodes to NaN/inf")
+        return out
+
+    def read_expert(self, layer: int, kind: str, e: int) -> torch.Tensor:
+        gname = gguf_name(f"layers.{layer}.experts.{kind}")
+        t, _ = self.tensors[gname]
+        qtype = T(int(t.tensor_type))
+        slab = t.data[e]  # data is [E, rows, bytes_per_row] (or [E, rows, cols] for float types)
+        if qtype in (T.F32, T.F16):
+            arr = np.asarray(slab, dtype=np.float32)
+        else:
+            arr = np.asarray(dequantize(slab, qtype), dtype=np.float32)
+        return torch.from_numpy(arr)
+
+    def tensor_infos(self) -> list[GGUFTensorInfo]:
+        return [
+            GGUFTensorInfo(name, T(int(t.tensor_type)).name, tuple(int(x) for x in reversed(t.shape.tolist())),
+                           int(t.n_bytes), f.name)
+            for name, (t, f) in self.tensors.items()
+        ]
+
+    def validate(self) -> None:
+        from ..model.checkpoint import expected_shapes
+
+        for name, shape in expected_shapes(self.config).items():
+            if name == "output" and self.config.tie_word_embeddings:
+                continue
+            g = gguf_name(name)
+            if g not in self.tensors:
+                raise CheckpointError(f"{self.path}: GGUF lacks tensor {g}")
+            t, _ = self.tensors[g]
+            got = tuple(int(x) for x in reversed(t.shape.tolist()))
+            if got != shape:
+                raise CheckpointError(f"{self.path}: GGUF tensor {g} has shape {list(got)}, expected {list(shape)}")
+
+    def close(self) -> None:
+        self.readers = []
+        self.tensors = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_gguf(path: str | Path, validate: bool = True) -> GGUFSource:
+    src = GGUFSource(path)
+    if validate:
+        src.validate()
+    return src
