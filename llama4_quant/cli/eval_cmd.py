@@ -42,7 +42,7 @@ def run_eval(reference: str, candidates: list[str], data: str, ctx: int, n_chunk
     cands = [open_any(Path(c)) for c in candidates]
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    tok = load_tokenizer(tokenizer_path or ref.path, bos_id=None)
+    tok = load_tokenizer(tokenizer_path or ref.path, bos_id=None, total_vocab=ref.config.vocab_size)
     check_vocab(tok.vocab_size, ref.config.vocab_size, tok.path)
     text = Path(data).read_text(encoding="utf-8", errors="replace")
     chunks = make_chunks(tok.encode(text), ctx, n_chunks, tok.bos_id)
