@@ -74,3 +74,10 @@ def test_chunking_and_temperature_matter(tiny_checkpoints, tokens):
             LayerwiseRunner(Src()).logits(tokens, lambda n, l: out.__setitem__(n, l))
             changed = torch.stack([out[n] for n in range(len(tokens))])
             assert (changed - base).abs().max() > 1e-3, change
+
+
+def test_trained_fixture_matches_transformers(trained_model):
+    tokens = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(2))
+    ours = our_logits(trained_model, tokens)
+    ref = hf_logits(trained_model, tokens, "hf")
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
