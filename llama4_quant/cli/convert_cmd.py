@@ -1,0 +1,193 @@
+"""`llama4-quant convert MODEL OUT --to safetensors ...`: calibrate, quantize layer by layer, export atomically."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from .common import emit_json, handle_errors, progress_bar, progress_enabled
+from .units import SizeType, human
+
+# --to FORMAT -> builder(options dict, scheme name) returning an Exporter (see convert/pipeline.py).
+# The GGUF engineer adds "gguf" here.
+FORMATS = ("safetensors", "gguf")
+
+
+def _resolve(model: str) -> Path:
+    try:
+        from ..hub.resolve import resolve_model
+    except ImportError:  # download support not installed in this tree
+        return Path(model)
+    return Path(resolve_model(model))
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM unwinds like Ctrl-C, so the exporter removes its temp directory."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (CliRunner in tests)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+class _RichProgress:
+    """pipeline.Progress drawn as rich bars: layers, and the experts of the current layer, with ETA."""
+
+    def __init__(self, prog):
+        self.prog = prog
+        self.layers = None
+        self.experts = None
+
+    def start(self, num_layers):
+        self.layers = self.prog.add_task("layers", total=num_layers)
+
+    def layer_start(self, layer, num_experts):
+        if self.experts is not None:
+            self.prog.remove_task(self.experts)
+            self.experts = None
+        if num_experts:
+            self.experts = self.prog.add_task(f"  layer {layer} experts", total=num_experts)
+
+    def expert_done(self, layer, e):
+        if self.experts is not None:
+            self.prog.advance(self.experts)
+
+    def layer_done(self, layer):
+        self.prog.advance(self.layers)
+
+    def status(self, text):
+        pass
+
+
+@click.command("convert")
+@click.argument("model")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--to", "to", type=click.Choice(FORMATS), default="safetensors", show_default=True, help="Output format.")
+@click.option("--scheme", default="w4a16", show_default=True,
+              type=click.Choice(["w4a16", "w4a16-asym", "w8a16", "fp8-dynamic", "fp8-block"]),
+              help="w4a16: int4 symmetric, group 128; w8a16: int8, group 128; fp8-dynamic: fp8 e4m3 per-channel "
+                   "weights + dynamic per-token activations; fp8-block: 128x128 weight blocks.")
+@click.option("--method", type=click.Choice(["auto", "gptq", "rtn"]), default="auto", show_default=True,
+              help="gptq (calibrated) or rtn (no data); auto: gptq for int schemes, rtn for fp8.")
+@click.option("--calib", default=None, help="Calibration data: a .txt/.jsonl/.json file or folder, or a Hub dataset "
+              "org/name[@rev][:path]. Default: the recipe in calibration/default.json (fetched from the Hub).")
+@click.option("--calib-samples", default=128, show_default=True, help="Calibration sequences.")
+@click.option("--calib-seqlen", default=2048, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the calibration sampling.")
+@click.option("--group-size", default=128, show_default=True, help="Int schemes: input columns per scale (-1: per channel).")
+@click.option("--targets", "targets", multiple=True, help="What to quantize, comma separated: experts, shared, mlp, attn, "
+              "lm_head. Default: experts,shared,mlp.")
+@click.option("--ignore", "ignore", multiple=True, help="Keep these unquantized: glob on canonical names "
+              "(layers.0.*, *.wo) or HF module names (repeatable).")
+@click.option("--moe-calibration", type=click.Choice(["routed", "all"]), default="routed", show_default=True,
+              help="Expert statistics from the tokens routed to each expert, or from all tokens (statistics only).")
+@click.option("--min-expert-tokens", default=16, show_default=True,
+              help="Experts that saw fewer calibration tokens get RTN with MSE clipping instead of GPTQ.")
+@click.option("--act-order/--no-act-order", default=True, show_default=True,
+              help="GPTQ visits columns by decreasing Hessian diagonal (static groups: no g_idx, no runtime cost).")
+@click.option("--damp", default=0.01, show_default=True, help="GPTQ damping, fraction of mean diag(H).")
+@click.option("--observer", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
+              help="How int scales are fitted (mse: clipping search).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="Forward compute dtype (auto: fp32 on CPU, bf16 on CUDA). Hessians are always fp32.")
+@click.option("--batch-size", default=4, show_default=True, help="Calibration sequences per forward batch.")
+@click.option("--hessian-memory", default="8GiB", show_default=True, type=SizeType(),
+              help="Budget for the expert Hessians held at once (experts are processed in chunks that fit).")
+@click.option("--max-shard-size", default="2GB", show_default=True, type=SizeType(), help="Largest output shard.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@handle_errors
+def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seqlen, seed, group_size, targets, ignore,
+                moe_calibration, min_expert_tokens, act_order, damp, observer, device, dtype, batch_size, hessian_memory,
+                max_shard_size, force, as_json):
+    """Quantize MODEL (a checkpoint directory or a Hub repo id) into OUT.
+
+    Layers are processed one at a time: each is calibrated on the activations the already quantized layers
+    produce, quantized (GPTQ or RTN), written, and freed, so memory holds one layer plus activations. OUT
+    appears only when complete. Attention stays bf16 unless --targets includes attn (see docs/convert.md)."""
+    from ..errors import Llama4QuantError
+
+    if to == "gguf":
+        raise Llama4QuantError("--to gguf: not yet implemented (use --to safetensors)")
+    with _sigterm_as_interrupt():
+        manifest, summary = run_convert(
+            model, out, scheme=scheme, method=method, calib=calib, calib_samples=calib_samples,
+            calib_seqlen=calib_seqlen, seed=seed, group_size=group_size, targets=targets, ignore=ignore,
+            moe_calibration=moe_calibration, min_expert_tokens=min_expert_tokens, act_order=act_order, damp=damp,
+            observer=observer, device=device, dtype=dtype, batch_size=batch_size, hessian_memory=hessian_memory,
+            max_shard_size=max_shard_size, force=force)
+    if as_json:
+        emit_json(summary)
+        return
+    click.echo(f"wrote {summary['output']}: {summary['scheme']} via {summary['method']}, "
+               f"{summary['quantized_tensors']} quantized tensors, {human(summary['total_bytes'])} in "
+               f"{summary['shards']} shard(s), {summary['seconds']:.1f}s")
+    if summary["tokens_per_expert"]:
+        t = summary["tokens_per_expert"]
+        click.echo(f"tokens per expert: min {t['min']}, max {t['max']}, {t['zero_token_experts']} expert(s) with none")
+    for w in summary["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+
+
+def run_convert(model, out, *, scheme="w4a16", method="auto", calib=None, calib_samples=128, calib_seqlen=2048,
+                seed=0, group_size=128, targets=(), ignore=(), moe_calibration="routed", min_expert_tokens=16,
+                act_order=True, damp=0.01, observer="minmax", device="auto", dtype="auto", batch_size=4,
+                hessian_memory=8 << 30, max_shard_size=2 * 10**9, force=False, progress=None):
+    """The convert command without Click: returns (manifest, summary)."""
+    from ..convert.pipeline import Pipeline, PipelineOptions, Selection
+    from ..convert.safetensors_export import SafetensorsExporter, make_scheme, summary as make_summary
+    from ..model.checkpoint import open_checkpoint
+    from ..model.runner import resolve_device, resolve_dtype
+    from ..quant.gptq import GPTQConfig
+    from ..quant.scheme import FP8Scheme
+
+    sch = make_scheme(scheme, None if group_size in (-1, None) else group_size)
+    if method == "auto":
+        method = "rtn" if isinstance(sch, FP8Scheme) else "gptq"
+    selection = Selection.parse(targets, ignore)
+    warnings = []
+    if "attn" in selection.roles:
+        warnings.append("attention is quantized: vLLM's Llama 4 loader permutes q/k rows without permuting grouped "
+                        "scales, so this checkpoint may load but compute wrong attention there (see docs/convert.md)")
+    # refuse an existing OUT before any expensive work
+    exporter = SafetensorsExporter(out, sch, selection, force=force, max_shard_bytes=max_shard_size, observer=observer,
+                                   actorder=act_order and method == "gptq", scheme_name=scheme, source_label=model)
+    reader = open_checkpoint(_resolve(model))
+    dev = resolve_device(device)
+    opts = PipelineOptions(method=method, gptq=GPTQConfig(damp=damp, act_order=act_order),
+                           moe_calibration=moe_calibration, min_expert_tokens=min_expert_tokens, device=dev,
+                           dtype=resolve_dtype(dtype, dev), batch_size=batch_size, hessian_budget_bytes=hessian_memory)
+    tokens = info = None
+    if method == "gptq":
+        from ..calibration.dataset import load_calibration
+        from ..model.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(reader.path)
+        cs = load_calibration(calib, tok, calib_samples, calib_seqlen, seed)
+        tokens, info = cs.tokens, cs.info
+        warnings += [f"calibration: {w}" for w in info.get("warnings", [])]
+    elif calib is not None:
+        warnings.append(f"--method {method} uses no calibration data: --calib ignored")
+    with progress_bar(progress if progress is not None else progress_enabled()) as prog:
+        pipe = Pipeline(reader, exporter, opts, _RichProgress(prog))
+        pipe.warnings.extend(warnings)
+        manifest = pipe.run(tokens, info)
+    return manifest, make_summary(manifest, exporter.out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(convert_cmd())

@@ -1,0 +1,632 @@
+"""The sequential quantization pipeline, independent of the output format.
+
+For each decoder layer i, in order:
+
+  1. the calibration hidden states in the `ActivationStore` are what layers 0..i-1 *as quantized* produce;
+  2. attention: if any of wq/wk/wv/wo is a target, one pass gathers their input Hessians through the forward's
+     observer (`attn_in`, `wo`); they are quantized, written, and their runtime (dequantized) weights put into
+     the layer with `LayerWeights.set`; a second pass computes h + attn(h) with them (in place);
+  3. FFN input x = ffn_norm(h). Dense layers: one observed pass (`mlp.in`, `mlp.down`), quantize, then
+     h <- h + mlp_q(x). MoE layers: one pass counts the tokens routed to every expert and gathers the shared
+     expert's Hessians (`shared.in`, `shared.down`); the shared expert is quantized; then the routed experts go
+     in chunks sized to `hessian_budget_bytes`: a pass gathers the chunk's per-expert Hessians from the tokens
+     routed to each expert (`moe_calibration="all"`: from every token, scaled by that expert's own router
+     score; statistics only, the forward stays exact), each expert is quantized and its Hessians freed at
+     once, then a pass adds the quantized chunk's outputs to an accumulator store; finally
+     h <- h + shared_q(x) + sum of experts;
+  4. everything the layer holds is freed before the next one. Peak memory: one layer's weights, one chunk of
+     expert Hessians, and two activation stores (which spill to disk above their budget).
+
+An expert that saw fewer than `min_expert_tokens` tokens is quantized with RTN and MSE-optimal clipping
+(int grids; fp8 grids use plain RTN), and the report says so. With `method="rtn"` nothing is calibrated and
+no forward pass runs at all.
+
+Output goes through an `Exporter` (see `Exporter` below), which picks a grid per canonical tensor (or None:
+keep it as stored), receives every tensor, and publishes the result atomically in `finish`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import Llama4QuantError
+from ..model.checkpoint import CheckpointReader
+from ..model.config import Llama4Config
+from ..model.forward import LayerWeights, attention_block, dense_block, rms_norm, route, swiglu
+from ..model.runner import DEFAULT_SPILL_BYTES, ActivationStore, LayerwiseRunner
+from ..quant.gptq import GPTQConfig, gptq
+from ..quant.grid import Grid, IntGrid
+from ..quant.hessian import HessianAccumulator
+from ..quant.rtn import QuantResult, rtn
+
+ROLES = ("embed", "norm", "attn", "router", "shared", "mlp", "experts", "head")
+# --targets vocabulary -> roles
+TARGET_NAMES = {"experts": "experts", "shared": "shared", "mlp": "mlp", "attn": "attn", "lm_head": "head"}
+DEFAULT_TARGETS = ("experts", "shared", "mlp")
+_ATTN = ("wq", "wk", "wv", "wo")
+_OBSERVED_BY = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "wo", "shared.gate": "shared.in",
+                "shared.up": "shared.in", "shared.down": "shared.down", "mlp.gate": "mlp.in", "mlp.up": "mlp.in",
+                "mlp.down": "mlp.down"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what gets converted
+@dataclass(frozen=True)
+class TensorSpec:
+    """One canonical tensor (see model/checkpoint.py) as the pipeline hands it to an exporter.
+
+    shape: [out, in] for Linears; for routed experts (`num_experts` > 0) the shape of *one* expert's matrix
+    (they are quantized and written expert by expert, all with the grid chosen for the spec)."""
+
+    name: str
+    role: str
+    shape: tuple[int, ...]
+    layer: int | None = None
+    num_experts: int = 0
+
+    @property
+    def local(self) -> str:
+        """Name inside the layer (`wq`, `experts.gate`, ...), or the global name."""
+        return self.name.split(".", 2)[2] if self.layer is not None else self.name
+
+    @property
+    def is_linear(self) -> bool:
+        return self.role in ("attn", "router", "shared", "mlp", "experts", "head")
+
+    def expert_name(self, e: int) -> str:
+        return f"layers.{self.layer}.experts.{e}.{self.local.split('.')[1]}"
+
+
+def _role(local: str) -> str:
+    if local in ("attn_norm", "ffn_norm"):
+        return "norm"
+    if local in _ATTN:
+        return "attn"
+    return local.split(".")[0]
+
+
+def tensor_specs(cfg: Llama4Config) -> list[TensorSpec]:
+    """Every canonical text tensor, in the order the pipeline writes them."""
+    H, V = cfg.hidden_size, cfg.vocab_size
+    I, Im, E = cfg.intermediate_size, cfg.intermediate_size_mlp, cfg.num_experts
+    out = [TensorSpec("tok_embeddings", "embed", (V, H))]
+    for i in range(cfg.num_layers):
+        local: list[tuple[str, tuple[int, ...], int]] = [
+            ("attn_norm", (H,), 0), ("wq", (cfg.q_dim, H), 0), ("wk", (cfg.kv_dim, H), 0),
+            ("wv", (cfg.kv_dim, H), 0), ("wo", (H, cfg.q_dim), 0), ("ffn_norm", (H,), 0)]
+        if cfg.is_moe(i):
+            local += [("router", (E, H), 0), ("shared.gate", (I, H), 0), ("shared.up", (I, H), 0),
+                      ("shared.down", (H, I), 0), ("experts.gate", (I, H), E), ("experts.up", (I, H), E),
+                      ("experts.down", (H, I), E)]
+        else:
+            local += [("mlp.gate", (Im, H), 0), ("mlp.up", (Im, H), 0), ("mlp.down", (H, Im), 0)]
+        out += [TensorSpec(f"layers.{i}.{n}", _role(n), s, i, e) for n, s, e in local]
+    out.append(TensorSpec("norm", "norm", (H,)))
+    if not cfg.tie_word_embeddings:
+        out.append(TensorSpec("output", "head", (V, H)))
+    return out
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which Linears to quantize: roles from `--targets` minus `--ignore` glob patterns.
+
+    Patterns match canonical names (`layers.0.*`, `*.wo`, `layers.3.experts.*`) or, through `aliases`,
+    a format's own module names. Router, norms and embeddings are never selected."""
+
+    roles: frozenset[str] = frozenset(TARGET_NAMES[t] for t in DEFAULT_TARGETS)
+    ignore: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, targets: Iterable[str] | None, ignore: Iterable[str] = ()) -> "Selection":
+        names: list[str] = []
+        for t in targets or DEFAULT_TARGETS:
+            names += [x.strip() for x in t.split(",") if x.strip()]
+        bad = [n for n in names if n not in TARGET_NAMES]
+        if bad:
+            raise Llama4QuantError(f"unknown --targets {bad[0]!r} (choose from {', '.join(TARGET_NAMES)})")
+        return cls(frozenset(TARGET_NAMES[n] for n in names), tuple(ignore))
+
+    def selects(self, spec: TensorSpec, aliases: Iterable[str] = ()) -> bool:
+        if spec.role not in self.roles:
+            return False
+        names = [spec.name, *aliases]
+        return not any(fnmatch.fnmatchcase(n, pat) for pat in self.ignore for n in names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the exporter interface
+class Exporter(Protocol):
+    """What the pipeline needs from an output format (safetensors_export.SafetensorsExporter is one).
+
+    Call order: prepare(source) -> grid_for (every spec, before anything runs) -> begin(plan) -> write_tensor /
+    write_quantized (spec order; within a MoE layer experts come expert by expert, gate/up/down each)
+    with end_layer(i) after each layer -> finish(report), or abort() on any failure (also on Ctrl-C)."""
+
+    def prepare(self, source: CheckpointReader) -> None:
+        """Learn the source (naming, dtype) before grids are chosen."""
+        ...
+
+    def grid_for(self, spec: TensorSpec) -> Grid | None:
+        """The grid to quantize this tensor onto, or None to keep it as stored."""
+        ...
+
+    def begin(self, source: CheckpointReader, plan: list[tuple[TensorSpec, Grid | None]]) -> None: ...
+
+    def runtime_weight(self, spec: TensorSpec, result: QuantResult, grid: Grid) -> torch.Tensor:
+        """The weight the runtime will actually compute with (e.g. dequantized in bf16); feeds later layers."""
+        ...
+
+    def write_tensor(self, spec: TensorSpec, tensor: torch.Tensor) -> None:
+        """An unquantized tensor, exactly as the source stores it."""
+        ...
+
+    def write_quantized(self, spec: TensorSpec, expert: int | None, result: QuantResult, grid: Grid) -> None: ...
+
+    def end_layer(self, layer: int) -> None: ...
+
+    def finish(self, report: dict[str, Any]) -> Any: ...
+
+    def abort(self) -> None: ...
+
+
+class Progress:
+    """Progress sink (no-op); the CLI's draws rich bars."""
+
+    def start(self, num_layers: int) -> None: ...
+
+    def layer_start(self, layer: int, num_experts: int) -> None: ...
+
+    def expert_done(self, layer: int, e: int) -> None: ...
+
+    def layer_done(self, layer: int) -> None: ...
+
+    def status(self, text: str) -> None: ...
+
+
+@dataclass
+class PipelineOptions:
+    method: str = "gptq"  # gptq | rtn
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    moe_calibration: str = "routed"  # routed | all
+    min_expert_tokens: int = 16
+    device: str | torch.device = "cpu"
+    dtype: torch.dtype = torch.float32  # forward compute dtype
+    batch_size: int = 4
+    hessian_budget_bytes: int = 8 << 30
+    spill_bytes: int = DEFAULT_SPILL_BYTES
+
+    def __post_init__(self) -> None:
+        if self.method not in ("gptq", "rtn"):
+            raise Llama4QuantError(f"--method must be gptq or rtn, got {self.method!r}")
+        if self.moe_calibration not in ("routed", "all"):
+            raise Llama4QuantError(f"--moe-calibration must be routed or all, got {self.moe_calibration!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def mse_variant(grid: Grid) -> Grid:
+    """The same grid with MSE-optimal clipping, where the grid has such a search (int grids)."""
+    if isinstance(grid, IntGrid) and not grid.mse:
+        return IntGrid(grid.scheme, grid.scale_dtype, mse=True)
+    return grid
+
+
+def describe_grid(grid: Grid | None) -> str | None:
+    if grid is None:
+        return None
+    scheme = getattr(grid, "scheme", None)
+    text = repr(scheme) if scheme is not None else type(grid).__name__
+    return text + ("+mse" if getattr(grid, "mse", False) else "")
+
+
+def _inject(layer: int, path_hint: str = "") -> None:
+    """Test hook: LLAMA4_QUANT_INJECT=KIND@LAYER with KIND error | enospc | kill | term."""
+    spec = os.environ.get("LLAMA4_QUANT_INJECT", "")
+    if not spec or "@" not in spec:
+        return
+    kind, at = spec.split("@", 1)
+    if int(at) != layer:
+        return
+    if kind == "error":
+        raise Llama4QuantError(f"injected failure after layer {layer}")
+    if kind == "enospc":
+        import errno
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path_hint or None)
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Pipeline:
+    def __init__(self, source: CheckpointReader, exporter: Exporter, options: PipelineOptions | None = None,
+                 progress: Progress | None = None):
+        self.source = source
+        self.cfg: Llama4Config = source.config
+        self.exporter = exporter
+        self.opt = options or PipelineOptions()
+        self.progress = progress or Progress()
+        self.device = torch.device(self.opt.device)
+        self.records: dict[str, dict[str, Any]] = {}
+        self.layers: list[dict[str, Any]] = []
+        self.warnings: list[str] = []
+
+    # -- small helpers -----------------------------------------------------------------------------------------
+    def _batches(self, n: int):
+        for s in range(0, n, self.opt.batch_size):
+            yield slice(s, min(n, s + self.opt.batch_size))
+
+    def _quantize(self, spec: TensorSpec, name: str, weight: torch.Tensor, grid: Grid,
+                  acc: HessianAccumulator | None, expert_fallback: str = "") -> QuantResult:
+        """GPTQ against acc's Hessian, or RTN (method rtn, no statistics, or an under-fed expert)."""
+        w = weight.to(self.device, torch.float32)
+        t0 = time.perf_counter()
+        if expert_fallback:
+            result = rtn(w, mse_variant(grid), reason=expert_fallback)
+            result.record.n_tokens = acc.n_tokens if acc is not None else 0
+        elif self.opt.method == "gptq" and acc is not None:
+            result = gptq(w, acc.hessian, grid, self.opt.gptq, acc.n_tokens)
+        else:
+            result = rtn(w, grid)
+        rec = asdict(result.record)
+        rec["seconds"] = time.perf_counter() - t0
+        rec["grid"] = describe_grid(grid if not expert_fallback else mse_variant(grid))
+        if rec.get("loss_kind") == "hessian" and acc is not None:
+            ref = float(((w @ acc.hessian) * w).sum()) / 2
+            rec["rel_loss"] = rec["loss"] / ref if ref > 0 else None
+        if self.opt.method == "gptq" and acc is None and not expert_fallback:
+            rec["reason"] = rec.get("reason") or "no calibration statistics"
+        self.records[name] = rec
+        return result
+
+    def _emit(self, spec: TensorSpec, expert: int | None, result: QuantResult, grid: Grid) -> torch.Tensor:
+        self.exporter.write_quantized(spec, expert, result, grid)
+        return self.exporter.runtime_weight(spec, result, grid)
+
+    # -- main --------------------------------------------------------------------------------------------------
+    def run(self, calib_tokens: torch.Tensor | None = None, calib_info: dict | None = None) -> Any:
+        t_start = time.perf_counter()
+        specs = tensor_specs(self.cfg)
+        self.exporter.prepare(self.source)
+        plan = [(s, self.exporter.grid_for(s)) for s in specs]
+        grids = {s.name: g for s, g in plan}
+        by_name = {s.name: s for s in specs}
+        calibrate = self.opt.method == "gptq" and any(g is not None for g in grids.values())
+        if calibrate and calib_tokens is None:
+            raise Llama4QuantError("GPTQ needs calibration tokens")
+        self.exporter.begin(self.source, plan)
+        store = None
+        try:
+            self.progress.start(self.cfg.num_layers)
+            emb_spec = by_name["tok_embeddings"]
+            emb = self.source.read("tok_embeddings")
+            self._write_plain_or_rtn(emb_spec, emb, grids.get("tok_embeddings"))
+            del emb
+            if calibrate:
+                self.progress.status("embedding calibration tokens")
+                runner = LayerwiseRunner(self.source, self.device, self.opt.dtype, self.opt.batch_size,
+                                         keep_experts=False, spill_bytes=self.opt.spill_bytes)
+                store = runner.embed(calib_tokens)
+            for i in range(self.cfg.num_layers):
+                self._layer(i, store, grids, by_name)
+                self.exporter.end_layer(i)
+                self._release_source()
+                _inject(i)
+            self.exporter.write_tensor(by_name["norm"], self.source.read("norm"))
+            if "output" in by_name:
+                self._head(by_name["output"], grids.get("output"), store)
+            report = self._report(calib_info, time.perf_counter() - t_start)
+            result = self.exporter.finish(report)
+        except BaseException:
+            self.exporter.abort()
+            raise
+        finally:
+            if store is not None:
+                store.close()
+        return result
+
+    def _release_source(self) -> None:
+        """HF readers memory-map each shard they touch and keep it mapped: clean page cache, but resident memory
+        all the same, growing to the whole checkpoint. Dropping the handles after every layer unmaps what the
+        layer touched (they reopen lazily). Meta readers load their .pth shards once and cannot reopen."""
+        from ..model.hf_reader import HFReader
+
+        if isinstance(self.source, HFReader):
+            self.source.close()
+
+    def _write_plain_or_rtn(self, spec: TensorSpec, tensor: torch.Tensor, grid: Grid | None) -> None:
+        if grid is None:
+            self.exporter.write_tensor(spec, tensor)
+        else:
+            self._emit(spec, None, self._quantize(spec, spec.name, tensor, grid, None), grid)
+
+    def _head(self, spec: TensorSpec, grid: Grid | None, store: ActivationStore | None) -> None:
+        w = self.source.read("output")
+        if grid is None:
+            self.exporter.write_tensor(spec, w)
+            return
+        acc = None
+        if store is not None and self.opt.method == "gptq":
+            acc = HessianAccumulator(self.cfg.hidden_size, self.device)
+            norm = self.source.read("norm").to(self.device, self.opt.dtype)
+            with torch.no_grad():
+                for sl in self._batches(len(store)):
+                    h = store.get(sl, self.device, self.opt.dtype)
+                    acc.add(rms_norm(h, norm, self.cfg.rms_norm_eps))
+        self._emit(spec, None, self._quantize(spec, "output", w, grid, acc), grid)
+
+    # -- one decoder layer -------------------------------------------------------------------------------------
+    def _layer(self, i: int, store: ActivationStore | None, grids: dict, by_name: dict) -> None:
+        cfg, opt = self.cfg, self.opt
+        t0 = time.perf_counter()
+        moe = cfg.is_moe(i)
+        self.progress.layer_start(i, cfg.num_experts if moe else 0)
+        p = f"layers.{i}."
+        info: dict[str, Any] = {"layer": i, "moe": moe}
+        w = LayerWeights(self.source, i, self.device, opt.dtype, keep_experts=False)
+        try:
+            self.exporter.write_tensor(by_name[p + "attn_norm"], self.source.read(p + "attn_norm"))
+            self._linears(i, store, w, [n for n in _ATTN], grids, by_name, self._observe_attention)
+            if store is not None:
+                self._apply(store, lambda h: h + attention_block(cfg, i, w, rms_norm(h, w.get("attn_norm"), cfg.rms_norm_eps)))
+            self.exporter.write_tensor(by_name[p + "ffn_norm"], self.source.read(p + "ffn_norm"))
+            if moe:
+                self.exporter.write_tensor(by_name[p + "router"], self.source.read(p + "router"))
+                self._moe(i, store, w, grids, by_name, info)
+            else:
+                self._linears(i, store, w, ["mlp.gate", "mlp.up", "mlp.down"], grids, by_name, self._observe_dense)
+                if store is not None:
+                    self._apply(store, lambda h: h + dense_block(w, self._ffn_in(w, h)))
+        finally:
+            w.free()
+        recs = {k: v for k, v in self.records.items() if k.startswith(p)}
+        losses = [r["loss"] for r in recs.values() if r.get("loss_kind") == "hessian"]
+        rels = [r["rel_loss"] for r in recs.values() if r.get("rel_loss") is not None]
+        info.update(seconds=round(time.perf_counter() - t0, 3), quantized=len(recs),
+                    loss=sum(losses) if losses else None, rel_loss_mean=(sum(rels) / len(rels)) if rels else None,
+                    rtn_fallbacks=sorted(k[len(p):] for k, r in recs.items()
+                                         if r["method"] == "rtn" and opt.method == "gptq"))
+        self.layers.append(info)
+        self.progress.layer_done(i)
+
+    def _ffn_in(self, w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h, w.get("ffn_norm"), self.cfg.rms_norm_eps)
+
+    def _apply(self, store: ActivationStore, fn) -> None:
+        """h <- fn(h) for every batch of the store (in place)."""
+        with torch.no_grad():
+            for sl in self._batches(len(store)):
+                store.put(sl, fn(store.get(sl, self.device, self.opt.dtype)))
+
+    def _observe(self, store: ActivationStore, run_batch, wanted: set[str], widths: dict[str, int]) -> dict[str, HessianAccumulator]:
+        accs = {k: HessianAccumulator(widths[k], self.device) for k in wanted}
+
+        def observer(name: str, x: torch.Tensor) -> None:
+            acc = accs.get(name)
+            if acc is not None:
+                acc.add(x)
+
+        with torch.no_grad():
+            for sl in self._batches(len(store)):
+                run_batch(store.get(sl, self.device, self.opt.dtype), observer)
+        return accs
+
+    def _observe_attention(self, i, w, store, wanted):
+        cfg = self.cfg
+        return self._observe(store, lambda h, obs: attention_block(cfg, i, w, rms_norm(h, w.get("attn_norm"), cfg.rms_norm_eps), obs),
+                             wanted, {"attn_in": cfg.hidden_size, "wo": cfg.q_dim})
+
+    def _observe_dense(self, i, w, store, wanted):
+        cfg = self.cfg
+        return self._observe(store, lambda h, obs: dense_block(w, self._ffn_in(w, h), obs), wanted,
+                             {"mlp.in": cfg.hidden_size, "mlp.down": cfg.intermediate_size_mlp})
+
+    def _linears(self, i, store, w, locals_: list[str], grids, by_name, observe) -> None:
+        """Quantize (or pass through) a group of non-expert Linears that one observed pass feeds."""
+        p = f"layers.{i}."
+        targets = [n for n in locals_ if grids.get(p + n) is not None]
+        accs: dict[str, HessianAccumulator] = {}
+        if store is not None and targets and self.opt.method == "gptq":
+            accs = observe(i, w, store, {_OBSERVED_BY[n] for n in targets})
+        for n in locals_:
+            spec, grid = by_name[p + n], grids.get(p + n)
+            if grid is None:
+                self.exporter.write_tensor(spec, self.source.read(p + n))
+                continue
+            result = self._quantize(spec, spec.name, w.get(n), grid, accs.get(_OBSERVED_BY[n]))
+            w.set(n, self._emit(spec, None, result, grid))
+            del result
+        accs.clear()
+
+    # -- MoE -----------------------------------------------------------------------------------------------------
+    def _moe(self, i, store, w, grids, by_name, info) -> None:
+        cfg, opt = self.cfg, self.opt
+        p = f"layers.{i}."
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        calibrate = store is not None
+        shared = ["shared.gate", "shared.up", "shared.down"]
+        shared_targets = [n for n in shared if grids.get(p + n) is not None]
+
+        # pass 1: routing counts + shared-expert statistics
+        counts = torch.zeros(E, dtype=torch.long)
+        if calibrate:
+            wanted = {_OBSERVED_BY[n] for n in shared_targets} if opt.method == "gptq" else set()
+
+            def pass1(h, obs):
+                x2 = self._ffn_in(w, h).reshape(-1, H)
+                idx, _ = route(cfg, w, x2)
+                counts.add_(torch.bincount(idx.reshape(-1).cpu(), minlength=E))
+                if wanted:
+                    obs("shared.in", x2)
+                    swiglu(x2, w.get("shared.gate"), w.get("shared.up"), w.get("shared.down"),
+                           lambda hh: obs("shared.down", hh))
+
+            accs = self._observe(store, pass1, wanted, {"shared.in": H, "shared.down": I})
+        else:
+            accs = {}
+        for n in shared:
+            spec, grid = by_name[p + n], grids.get(p + n)
+            if grid is None:
+                self.exporter.write_tensor(spec, self.source.read(p + n))
+                continue
+            result = self._quantize(spec, spec.name, w.get(n), grid, accs.get(_OBSERVED_BY[n]))
+            w.set(n, self._emit(spec, None, result, grid))
+        accs.clear()
+        if calibrate:
+            info["tokens_per_expert"] = counts.tolist()
+            info["zero_token_experts"] = [e for e in range(E) if counts[e] == 0]
+
+        # routed experts, in chunks
+        kinds = ("gate", "up", "down")
+        especs = {k: by_name[p + f"experts.{k}"] for k in kinds}
+        egrids = {k: grids.get(p + f"experts.{k}") for k in kinds}
+        if len({g is None for g in egrids.values()}) > 1:
+            raise Llama4QuantError(f"layer {i}: experts.gate/up/down must be all quantized or all kept")
+        quantized = egrids["gate"] is not None
+        chunk = expert_budget(cfg, opt.hessian_budget_bytes)
+        out = None
+        if calibrate:
+            out = ActivationStore(*store.shape, spill_bytes=opt.spill_bytes)
+            out.data.zero_()
+        try:
+            for c0 in range(0, E, chunk):
+                experts = list(range(c0, min(E, c0 + chunk)))
+                self._expert_chunk(i, w, store, out, experts, especs, egrids, quantized, counts)
+            if calibrate:
+                with torch.no_grad():
+                    for sl in self._batches(len(store)):
+                        h = store.get(sl, self.device, opt.dtype)
+                        x2 = self._ffn_in(w, h).reshape(-1, H)
+                        y = swiglu(x2, w.get("shared.gate"), w.get("shared.up"), w.get("shared.down"))
+                        y = y + out.get(sl, self.device, opt.dtype).reshape(-1, H)
+                        store.put(sl, h + y.view(h.shape))
+        finally:
+            if out is not None:
+                out.close()
+        if calibrate and opt.moe_calibration == "routed" and quantized:
+            few = [e for e in range(E) if 0 < counts[e] < opt.min_expert_tokens]
+            if info["zero_token_experts"] or few:
+                self.warnings.append(
+                    f"layer {i}: experts {info['zero_token_experts'] + few} saw fewer than {opt.min_expert_tokens} "
+                    "calibration tokens: quantized with RTN + MSE clipping")
+
+    def _expert_chunk(self, i, w, store, out, experts, especs, egrids, quantized, counts) -> None:
+        cfg, opt = self.cfg, self.opt
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        kinds = ("gate", "up", "down")
+        weights = {e: {k: self.source.read_expert(i, k, e) for k in kinds} for e in experts}
+        calibrate = store is not None
+        gptq_stats = calibrate and quantized and opt.method == "gptq"
+        all_tokens = opt.moe_calibration == "all"
+        acc_in: dict[int, HessianAccumulator] = {}
+        acc_dn: dict[int, HessianAccumulator] = {}
+        if gptq_stats:
+            need = [e for e in experts if all_tokens or counts[e] >= max(1, opt.min_expert_tokens)]
+            acc_in = {e: HessianAccumulator(H, self.device) for e in need}
+            acc_dn = {e: HessianAccumulator(I, self.device) for e in need}
+            if need:
+                dev_w = {e: [weights[e][k].to(self.device, opt.dtype) for k in ("gate", "up")] for e in need}
+                with torch.no_grad():
+                    for sl in self._batches(len(store)):
+                        x2 = self._ffn_in(w, store.get(sl, self.device, opt.dtype)).reshape(-1, H)
+                        if all_tokens:
+                            scores = torch.sigmoid(F.linear(x2, w.get("router")).float()).to(x2.dtype)
+                        else:
+                            idx, scale = route(cfg, w, x2)
+                        for e in need:
+                            if all_tokens:
+                                xin = x2 * scores[:, e : e + 1]
+                            else:
+                                tok, slot = torch.nonzero(idx == e, as_tuple=True)
+                                xin = x2[tok] * scale[tok, slot][:, None]
+                            g, u = dev_w[e]
+                            acc_in[e].add(xin)
+                            acc_dn[e].add(F.silu(F.linear(xin, g)) * F.linear(xin, u))
+                del dev_w
+        runtime: dict[int, list[torch.Tensor]] = {}
+        for e in experts:
+            if quantized:
+                fallback = ""
+                if calibrate and opt.method == "gptq" and e not in acc_in:
+                    n = int(counts[e])
+                    fallback = ("no calibration tokens routed to this expert" if n == 0 else
+                                f"only {n} calibration tokens routed (< --min-expert-tokens {opt.min_expert_tokens})")
+                    fallback += "; RTN with MSE clipping"
+                mats = []
+                for k in kinds:
+                    acc = (acc_dn if k == "down" else acc_in).get(e)
+                    res = self._quantize(especs[k], especs[k].expert_name(e), weights[e][k], egrids[k], acc, fallback)
+                    mats.append(self._emit(especs[k], e, res, egrids[k]))
+                    del res
+                runtime[e] = mats
+                acc_in.pop(e, None)
+                acc_dn.pop(e, None)  # free this expert's Hessians right away
+            else:
+                for k in kinds:
+                    self.exporter.write_tensor(TensorSpec(especs[k].expert_name(e), "experts", especs[k].shape, i),
+                                               weights[e][k])
+                runtime[e] = [weights[e][k] for k in kinds]
+            self.progress.expert_done(i, e)
+        del weights
+        if out is None:
+            return
+        dev_q = {e: [t.to(self.device, opt.dtype) for t in runtime.pop(e)] for e in experts}
+        with torch.no_grad():
+            for sl in self._batches(len(store)):
+                h = store.get(sl, self.device, opt.dtype)
+                x2 = self._ffn_in(w, h).reshape(-1, H)
+                idx, scale = route(cfg, w, x2)
+                acc = out.get(sl, self.device, opt.dtype).reshape(-1, H)
+                for e in experts:
+                    tok, slot = torch.nonzero(idx == e, as_tuple=True)
+                    if tok.numel():
+                        xin = x2[tok] * scale[tok, slot][:, None]
+                        acc.index_add_(0, tok, swiglu(xin, *dev_q[e]))
+                out.put(sl, acc.view(h.shape))
+
+    # -- report ------------------------------------------------------------------------------------------------------
+    def _report(self, calib_info: dict | None, seconds: float) -> dict[str, Any]:
+        opt = self.opt
+        fallbacks = {k: r["reason"] for k, r in self.records.items() if r["method"] == "rtn" and r.get("reason")}
+        losses = [r["loss"] for r in self.records.values() if r.get("loss_kind") == "hessian"]
+        return {
+            "method": opt.method,
+            "gptq": asdict(opt.gptq) if opt.method == "gptq" else None,
+            "moe_calibration": opt.moe_calibration if opt.method == "gptq" else None,
+            "min_expert_tokens": opt.min_expert_tokens,
+            "compute": {"device": str(self.device), "dtype": str(opt.dtype).replace("torch.", ""),
+                        "batch_size": opt.batch_size},
+            "calibration": calib_info,
+            "tensors": self.records,
+            "layers": self.layers,
+            "rtn_fallbacks": fallbacks,
+            "total_loss": sum(losses) if losses else None,
+            "warnings": self.warnings,
+            "seconds": round(seconds, 3),
+        }
+
+
+def convert(source: CheckpointReader, exporter: Exporter, options: PipelineOptions | None = None,
+            calib_tokens: torch.Tensor | None = None, calib_info: dict | None = None,
+            progress: Progress | None = None) -> Any:
+    """Run the whole pipeline; returns whatever `exporter.finish` returns."""
+    return Pipeline(source, exporter, options, progress).run(calib_tokens, calib_info)
+
+
+def expert_budget(cfg: Llama4Config, budget_bytes: int) -> int:
+    """How many experts' Hessians (+ weights) one chunk holds under `budget_bytes`."""
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    return max(1, min(cfg.num_experts, budget_bytes // ((H * H + I * I) * 4 + 6 * H * I * 4)))
+
+
+__all__ = ["DEFAULT_TARGETS", "Exporter", "Pipeline", "PipelineOptions", "Progress", "Selection", "TARGET_NAMES",
+           "TensorSpec", "convert", "describe_grid", "expert_budget", "mse_variant", "tensor_specs"]

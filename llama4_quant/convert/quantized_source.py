@@ -1,0 +1,97 @@
+"""Read a compressed-tensors output of `convert` back as a WeightSource of dequantized canonical tensors.
+
+Our own dequantization, (code - zero_point) * scale rounded to the model dtype, which is what compressed-tensors
+decompresses to; lets the layer-wise runner (eval, tests) score the quantized model exactly as exported.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError
+from ..formats.compressed_tensors import read_linear_tensors
+from ..model.config import load_config
+from ..model.hf_reader import to_hf_name
+from ..quant.scheme import FP8Scheme, IntScheme, Scheme
+from .safetensors_export import INDEX, torch_dtype
+
+
+def scheme_from_weight_args(w: dict) -> Scheme:
+    """Our scheme for a compressed-tensors `weights` QuantizationArgs dict."""
+    if w.get("type") == "float":
+        strategy = w.get("strategy") or "tensor"
+        block = tuple(w.get("block_structure") or (128, 128))
+        return FP8Scheme(strategy, block)
+    group = w.get("group_size") if w.get("strategy") == "group" else None
+    return IntScheme(int(w["num_bits"]), bool(w.get("symmetric", True)), group)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return name == pattern
+
+
+class QuantizedSource:
+    """WeightSource (read / read_expert / config) over a converted model directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = load_config(self.path)
+        raw = json.loads((self.path / "config.json").read_text())
+        qc = raw.get("quantization_config")
+        if not qc or qc.get("quant_method") != "compressed-tensors":
+            raise CheckpointError(f"{self.path}: config.json has no compressed-tensors quantization_config")
+        self.groups = [(g["targets"], scheme_from_weight_args(g["weights"])) for g in qc["config_groups"].values()]
+        self.ignore = qc.get("ignore", [])
+        self.dtype = torch_dtype(self.config.torch_dtype)
+        self.weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
+        multimodal = any(k.startswith("language_model.") for k in self.weight_map)
+        self.prefix = "language_model.model." if multimodal else "model."
+        self.head = "language_model.lm_head.weight" if multimodal else "lm_head.weight"
+        self._files: dict[str, object] = {}
+
+    def _raw(self, name: str) -> torch.Tensor:
+        f = self.weight_map[name]
+        h = self._files.get(f)
+        if h is None:
+            h = self._files[f] = safe_open(str(self.path / f), framework="pt")
+        return h.get_tensor(name)
+
+    def scheme_of(self, module: str) -> Scheme | None:
+        if any(_matches(module, p) for p in self.ignore):
+            return None
+        for targets, scheme in self.groups:
+            if "Linear" in targets or any(_matches(module, t) for t in targets):
+                return scheme
+        return None
+
+    def read_module(self, module: str) -> torch.Tensor:
+        """One Linear's weight [out, in], dequantized to the model dtype if it is stored quantized."""
+        if module + ".weight" in self.weight_map and module + ".weight_scale" not in self.weight_map:
+            return self._raw(module + ".weight")
+        scheme = self.scheme_of(module)
+        if scheme is None:
+            raise CheckpointError(f"{self.path}: {module} is stored quantized but the config does not say how")
+        keys = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight")
+        tensors = {k: self._raw(f"{module}.{k}") for k in keys if f"{module}.{k}" in self.weight_map}
+        return read_linear_tensors(tensors, scheme).dequantize(self.dtype)
+
+    def read(self, name: str) -> torch.Tensor:
+        if name == "output" and self.config.tie_word_embeddings:
+            name = "tok_embeddings"
+        m = re.match(r"^layers\.(\d+)\.experts\.(gate|up|down)$", name)
+        if m:
+            return torch.stack([self.read_expert(int(m.group(1)), m.group(2), e) for e in range(self.config.num_experts)])
+        hf = to_hf_name(name, self.prefix, self.head)
+        if hf.endswith(".weight"):
+            return self.read_module(hf.removesuffix(".weight"))  # plain, or stored quantized
+        return self._raw(hf)
+
+    def read_expert(self, layer: int, kind: str, e: int) -> torch.Tensor:
+        return self.read_module(f"{self.prefix}layers.{layer}.feed_forward.experts.{e}.{kind}_proj")

@@ -1,0 +1,487 @@
+"""The compressed-tensors safetensors exporter: a complete model directory that vLLM and transformers load.
+
+Layout (see formats/compressed_tensors.py for the per-Linear tensors):
+- HF names of the source (`language_model.model.layers.N...` for Llama4ForConditionalGeneration sources,
+  `model.layers.N...` for text-only ones and for Meta sources, which get a synthesized Llama4ForCausalLM
+  config.json); routed experts *unfused*, one module per expert: `feed_forward.experts.{e}.gate_proj.*` ([out, in]),
+  which is what vLLM's Llama 4 loader and transformers' compressed-tensors path (which swaps Llama4TextExperts
+  for a list of per-expert MLPs) expect. All experts of a layer share one scheme.
+- config.json = the source's, plus `quantization_config` (one config group targeting `Linear`; every Linear left
+  unquantized is listed in `ignore`, the vision tower as `re:vision_model.*` / `re:multi_modal_projector.*`).
+- sharded `model-0000k-of-0000n.safetensors` (each at most `max_shard_bytes` of tensor data, streamed to disk
+  tensor by tensor: nothing of the output is held in memory) + `model.safetensors.index.json`; tokenizer, generation config and other small files copied;
+  the vision tower copied unchanged; `llama4-quant.json`: the run's manifest with the sha256 of every file.
+
+Atomicity: everything is written into a sibling `OUT.tmp-<pid>-<rand>` directory, which is renamed to OUT only
+at the very end (an existing OUT is replaced only with `force`). A failed or interrupted run removes its temp
+directory; one killed outright leaves it behind under the .tmp- name, and the next run removes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import Llama4QuantError
+from ..formats import compressed_tensors as fmt
+from ..model.checkpoint import CheckpointReader
+from ..model.config import Llama4Config
+from ..model.hf_reader import to_hf_name
+from ..quant.api import make_grid
+from ..quant.grid import Grid
+from ..quant.rtn import QuantResult
+from ..quant.scheme import FP8Scheme, IntScheme, QuantizedLinear, Scheme
+from .pipeline import Selection, TensorSpec
+
+MANIFEST = "llama4-quant.json"
+INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1000**3
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".ckpt")
+_SKIP_FILES = {"config.json", INDEX, MANIFEST, "params.json", "pytorch_model.bin.index.json"}
+
+# --scheme presets (compressed-tensors' W4A16, W4A16_ASYM, W8A16, FP8_DYNAMIC, FP8_BLOCK)
+SCHEMES = {
+    "w4a16": lambda g: IntScheme(4, True, g),
+    "w4a16-asym": lambda g: IntScheme(4, False, g),
+    "w8a16": lambda g: IntScheme(8, True, g),
+    "fp8-dynamic": lambda g: FP8Scheme("channel"),
+    "fp8-block": lambda g: FP8Scheme("block"),
+}
+
+_ST_DTYPES = {
+    torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def make_scheme(name: str, group_size: int | None = 128) -> Scheme:
+    if name not in SCHEMES:
+        raise Llama4QuantError(f"unknown --scheme {name!r} (choose from {', '.join(SCHEMES)})")
+    if group_size is not None and group_size == 0:
+        raise Llama4QuantError("--group-size must be positive or -1 (per channel)")
+    return SCHEMES[name](group_size)
+
+
+def torch_dtype(name: str | None) -> torch.dtype:
+    return {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        str(name or "bfloat16").replace("torch.", ""), torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _st_entry(t: torch.Tensor, offset: int) -> dict[str, Any]:
+    if t.dtype not in _ST_DTYPES:
+        raise ValueError(f"dtype {t.dtype} cannot be stored in safetensors")
+    return {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.numel() * t.element_size()]}
+
+
+def _write_tensor_bytes(f, t: torch.Tensor) -> None:
+    if t.numel():
+        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+class _StreamingShard:
+    """One safetensors file written tensor by tensor: the data goes to disk at once, after a header area of
+    `reserve` bytes that is filled at close (the format allows the header to be padded with spaces)."""
+
+    def __init__(self, path: Path, reserve: int):
+        self.path, self.reserve = path, reserve
+        self.f = open(path, "wb")
+        self.f.seek(8 + reserve)
+        self.header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        self.header_bytes = len(json.dumps(self.header, separators=(",", ":")))
+        self.data_bytes = 0
+
+    def room_for(self, name: str, t: torch.Tensor) -> bool:
+        return self.header_bytes + len(json.dumps({name: _st_entry(t, self.data_bytes)}, separators=(",", ":"))) <= self.reserve
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        entry = _st_entry(t, self.data_bytes)
+        self.header_bytes += len(json.dumps({name: entry}, separators=(",", ":"))) - 1  # braces -> comma
+        self.header[name] = entry
+        _write_tensor_bytes(self.f, t)
+        self.data_bytes = entry["data_offsets"][1]
+
+    def close(self) -> None:
+        raw = json.dumps(self.header, separators=(",", ":")).encode()
+        assert len(raw) <= self.reserve, (len(raw), self.reserve)
+        self.f.seek(0)
+        self.f.write(self.reserve.to_bytes(8, "little"))
+        self.f.write(raw + b" " * (self.reserve - len(raw)))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+    def discard(self) -> None:
+        self.f.close()
+
+
+class ShardedWriter:
+    """Tensors streamed into size-capped shards (nothing buffered in memory), renamed model-k-of-n at close."""
+
+    def __init__(self, root: Path, max_bytes: int, header_reserve: int | None = None):
+        self.root, self.max_bytes = root, max_bytes
+        self.reserve = header_reserve or (min(256 << 10, max(8 << 10, max_bytes // 64)) // 8 * 8)
+        self.current: _StreamingShard | None = None
+        self.shards: list[list[str]] = []
+        self.names: set[str] = set()
+        self.total = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self.names:
+            raise ValueError(f"tensor {name} written twice")
+        self.names.add(name)
+        t = t.detach().to("cpu").contiguous()
+        n = t.numel() * t.element_size()
+        cur = self.current
+        if cur is not None and len(cur.header) > 1 and (cur.data_bytes + n > self.max_bytes or not cur.room_for(name, t)):
+            self.flush()
+        if self.current is None:
+            self.current = _StreamingShard(self.root / f"shard-{len(self.shards) + 1:05d}.partial", self.reserve)
+            self.shards.append([])
+        if not self.current.room_for(name, t):
+            raise ValueError(f"tensor name {name[:80]} too long for the shard header")
+        self.current.add(name, t)
+        self.shards[-1].append(name)
+        self.total += n
+
+    def flush(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.current = None
+
+    def abort(self) -> None:
+        if self.current is not None:
+            self.current.discard()
+            self.current = None
+
+    def close(self) -> dict[str, str]:
+        self.flush()
+        n = len(self.shards)
+        weight_map = {}
+        for k, names in enumerate(self.shards, 1):
+            final = f"model-{k:05d}-of-{n:05d}.safetensors"
+            os.replace(self.root / f"shard-{k:05d}.partial", self.root / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.root / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return weight_map
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(out: Path) -> list[Path]:
+    """Remove `OUT.tmp-<pid>-*` siblings left by runs that no longer exist (killed outright)."""
+    removed = []
+    if not out.parent.exists():
+        return removed
+    for p in out.parent.glob(out.name + ".tmp-*"):
+        m = re.match(re.escape(out.name) + r"\.tmp-(\d+)-[0-9a-f]+$", p.name)
+        if m and p.is_dir() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def hf_text_config(cfg: Llama4Config) -> dict[str, Any]:
+    """A Llama4ForCausalLM config.json for a source without one (Meta's original layout)."""
+    tc: dict[str, Any] = {
+        "architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "intermediate_size_mlp": cfg.intermediate_size_mlp, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps, "num_experts_per_tok": cfg.top_k, "num_local_experts": cfg.num_experts,
+        "interleave_moe_layer_step": cfg.interleave_moe_layer_step, "moe_layers": list(cfg.moe_layers),
+        "use_qk_norm": cfg.use_qk_norm, "no_rope_layers": [int(r) for r in cfg.rope_layers],
+        "no_rope_layer_interval": cfg.no_rope_layer_interval, "attention_chunk_size": cfg.attention_chunk_size,
+        "attn_temperature_tuning": cfg.attn_temperature_tuning, "floor_scale": cfg.floor_scale,
+        "attn_scale": cfg.attn_scale, "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": cfg.torch_dtype,
+    }
+    s = cfg.rope_scaling
+    if s is not None:
+        tc["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                              "high_freq_factor": s.high_freq_factor,
+                              "original_max_position_embeddings": s.original_max_position_embeddings}
+    return tc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class SafetensorsExporter:
+    """See the module docstring; implements pipeline.Exporter."""
+
+    def __init__(self, out: str | Path, scheme: Scheme, selection: Selection = Selection(), *, force: bool = False,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, observer: str = "minmax", actorder: bool = False,
+                 scheme_name: str | None = None, source_label: str | None = None):
+        self.out = Path(out).expanduser().absolute()
+        self.scheme, self.selection, self.force = scheme, selection, force
+        self.max_shard_bytes, self.observer, self.actorder = max_shard_bytes, observer, actorder
+        self.scheme_name = scheme_name or repr(scheme)
+        self.source_label = source_label
+        self.tmp: Path | None = None
+        self.writer: ShardedWriter | None = None
+        self.source: CheckpointReader | None = None
+        self._last: tuple[int, QuantizedLinear] | None = None
+        self._grids: dict[tuple, Grid] = {}
+        self.warnings: list[str] = []
+        self.check_destination()
+
+    # -- naming -----------------------------------------------------------------------------------------------------
+    def prepare(self, source: CheckpointReader) -> None:
+        self.source = source
+        cfg = source.config
+        self.model_dtype = torch_dtype(cfg.torch_dtype)
+        self.prefix = getattr(source, "model_prefix", "model.")
+        self.head = getattr(source, "head_name", "lm_head.weight")
+        self.multimodal = self.prefix.startswith("language_model.")
+
+    def module_name(self, name: str) -> str:
+        """HF module name of a canonical Linear (or per-expert name `layers.N.experts.E.kind`)."""
+        m = re.match(r"^layers\.(\d+)\.experts\.(\d+)\.(gate|up|down)$", name)
+        if m:
+            return f"{self.prefix}layers.{m.group(1)}.feed_forward.experts.{m.group(2)}.{m.group(3)}_proj"
+        return to_hf_name(name, self.prefix, self.head).removesuffix(".weight")
+
+    def tensor_name(self, name: str) -> str:
+        m = re.match(r"^layers\.\d+\.experts\.\d+\.(gate|up|down)$", name)
+        return self.module_name(name) + ".weight" if m else to_hf_name(name, self.prefix, self.head)
+
+    # -- destination -------------------------------------------------------------------------------------------------
+    def check_destination(self) -> None:
+        if self.out.exists() and not self.force:
+            raise Llama4QuantError(f"{self.out} already exists (pass --force to replace it)")
+        if self.out.exists() and not self.out.is_dir():
+            raise Llama4QuantError(f"{self.out} exists and is not a directory")
+
+    # -- pipeline.Exporter -----------------------------------------------------------------------------------------
+    def grid_for(self, spec: TensorSpec) -> Grid | None:
+        if self.source is None:
+            raise RuntimeError("prepare(source) first")
+        if not spec.is_linear or spec.role == "router":
+            return None
+        aliases = [self.module_name(spec.name)] if spec.num_experts == 0 else [
+            self.module_name(spec.expert_name(e)) for e in range(spec.num_experts)] + [
+            f"{self.prefix}layers.{spec.layer}.feed_forward.experts"]
+        if not self.selection.selects(spec, aliases):
+            return None
+        out_f, in_f = spec.shape
+        if isinstance(self.scheme, IntScheme) and not self.scheme.per_channel and in_f % self.scheme.group_size:
+            raise Llama4QuantError(
+                f"{spec.name} has {in_f} input features, not a multiple of --group-size {self.scheme.group_size}"
+                " (use a divisor, or -1 for per-channel scales)")
+        key = (type(self.scheme), self.scheme)
+        if key not in self._grids:
+            self._grids[key] = make_grid(self.scheme, self.model_dtype, mse=self.observer == "mse")
+        return self._grids[key]
+
+    def begin(self, source: CheckpointReader, plan: list[tuple[TensorSpec, Grid | None]]) -> None:
+        self.plan = plan
+        if not any(g is not None for _, g in plan):
+            raise Llama4QuantError("nothing to quantize: --targets/--ignore leave no Linear selected")
+        self.check_destination()
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(self.out)
+        self.tmp = self.out.parent / f"{self.out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        self.tmp.mkdir()
+        self.writer = ShardedWriter(self.tmp, self.max_shard_bytes)
+        self.t0 = time.time()
+        # the vision tower, unchanged
+        self.vision = [t.name for t in source.vision_tensors()]
+        for name in self.vision:
+            self.writer.add(name, source.read_raw(name))
+
+    def runtime_weight(self, spec: TensorSpec, result: QuantResult, grid: Grid) -> torch.Tensor:
+        q = self._last[1] if self._last and self._last[0] == id(result) else result.finalize(grid)
+        return q.dequantize(self.model_dtype)  # what compressed-tensors decompresses to
+
+    def write_tensor(self, spec: TensorSpec, tensor: torch.Tensor) -> None:
+        self.writer.add(self.tensor_name(spec.name), tensor)
+
+    def write_quantized(self, spec: TensorSpec, expert: int | None, result: QuantResult, grid: Grid) -> None:
+        q = result.finalize(grid)
+        self._last = (id(result), q)
+        module = self.module_name(spec.name if expert is None else spec.expert_name(expert))
+        for key, t in fmt.linear_tensors(q, self.model_dtype).items():
+            self.writer.add(f"{module}.{key}", t)
+
+    def end_layer(self, layer: int) -> None:
+        pass
+
+    # -- finishing ---------------------------------------------------------------------------------------------------
+    def ignore_list(self) -> list[str]:
+        ign: list[str] = []
+        cfg = self.source.config
+        esc = re.escape(self.prefix)
+        for spec, grid in self.plan:
+            if grid is not None or not spec.is_linear:
+                continue
+            if spec.num_experts:
+                if spec.local == "experts.gate":
+                    ign.append(f"re:{esc}layers\\.{spec.layer}\\.feed_forward\\.experts($|\\.)")
+            else:
+                ign.append(self.module_name(spec.name))
+        if cfg.tie_word_embeddings:
+            ign.append(self.head.removesuffix(".weight"))
+        if self.vision:
+            ign += ["re:vision_model.*", "re:multi_modal_projector.*"]
+        return ign
+
+    def _config(self) -> dict[str, Any]:
+        src = Path(self.source.path)
+        if (src / "config.json").exists():
+            config = json.loads((src / "config.json").read_text())
+        else:
+            config = hf_text_config(self.source.config)
+            self.warnings.append("source has no config.json (Meta layout): wrote a Llama4ForCausalLM config")
+        group = fmt.ConfigGroup(["Linear"], self.scheme, observer=self.observer, actorder=self.actorder)
+        qc = fmt.quantization_config([group], self.ignore_list())
+        config["quantization_config"] = qc
+        return config
+
+    def _copy_side_files(self) -> list[str]:
+        src = Path(self.source.path)
+        copied = []
+        for p in sorted(src.iterdir()):
+            if not p.is_file() or p.name.startswith(".") or p.name in _SKIP_FILES or p.suffix in _WEIGHT_SUFFIXES:
+                continue
+            if p.name.startswith("consolidated.") or p.name == "DONE":
+                continue
+            shutil.copy2(p, self.tmp / p.name)
+            copied.append(p.name)
+        if "tokenizer.json" not in copied:
+            self.warnings.append("the source has no tokenizer.json: copy a tokenizer into the output before serving it")
+        return copied
+
+    def finish(self, report: dict[str, Any]) -> dict[str, Any]:
+        weight_map = self.writer.close()
+        config = self._config()
+        (self.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copied = self._copy_side_files()
+        files = {}
+        for p in sorted(self.tmp.iterdir()):
+            files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+        manifest = self._manifest(report, config, files, copied, weight_map)
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        self._publish()
+        return manifest
+
+    def _manifest(self, report, config, files, copied, weight_map) -> dict[str, Any]:
+        src = Path(self.source.path)
+        src_cfg = src / "config.json"
+        tensors = {}
+        for name, rec in report["tensors"].items():
+            tensors[self.module_name(name)] = {"canonical": name, **rec}
+        plan = {}
+        for spec, grid in self.plan:
+            if not spec.is_linear:
+                continue
+            if spec.num_experts:
+                key = f"{self.prefix}layers.{spec.layer}.feed_forward.experts.*.{spec.local.split('.')[1]}_proj"
+            else:
+                key = self.module_name(spec.name)
+            plan[key] = self.scheme_name if grid is not None else "unquantized"
+        total = sum(f["bytes"] for f in files.values())
+        return {
+            "tool": {"name": "llama4-quant", "version": __version__},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "format": "compressed-tensors",
+            "source": {
+                "path": self.source_label or str(src), "layout": getattr(self.source, "layout", "?"),
+                "config_sha256": sha256_of(src_cfg) if src_cfg.exists() else None,
+                "index_sha256": sha256_of(src / INDEX) if (src / INDEX).exists() else None,
+            },
+            "scheme": {"name": self.scheme_name, "repr": repr(self.scheme),
+                       "quantization_config": config["quantization_config"]},
+            "targets": sorted(self.selection.roles), "ignore_patterns": list(self.selection.ignore),
+            "per_module": plan,
+            **{k: v for k, v in report.items() if k not in ("tensors",)},
+            "tensors": tensors,
+            "vision_tensors_passed_through": len(self.vision),
+            "copied_files": copied,
+            "warnings": report.get("warnings", []) + self.warnings,
+            "output": {"files": files, "total_bytes": total, "shards": len(set(weight_map.values()))},
+        }
+
+    def _publish(self) -> None:
+        old = None
+        if self.out.exists():
+            if not self.force:
+                raise Llama4QuantError(f"{self.out} appeared while converting (pass --force to replace it)")
+            old = self.out.parent / f"{self.out.name}.tmp-{os.getpid()}-old{secrets.token_hex(2)}"
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        self.tmp = None
+        try:
+            fd = os.open(self.out.parent, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        except OSError:
+            pass
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+        self.writer = None
+        if self.tmp is not None and self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp = None
+
+
+def summary(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The `--json` summary of a finished conversion."""
+    layers = manifest.get("layers", [])
+    tpe = [l["tokens_per_expert"] for l in layers if l.get("tokens_per_expert")]
+    flat = [n for row in tpe for n in row]
+    return {
+        "output": str(out),
+        "format": manifest["format"],
+        "scheme": manifest["scheme"]["name"],
+        "method": manifest["method"],
+        "targets": manifest["targets"],
+        "quantized_tensors": len(manifest["tensors"]),
+        "rtn_fallbacks": len(manifest.get("rtn_fallbacks", {})),
+        "total_bytes": manifest["output"]["total_bytes"],
+        "shards": manifest["output"]["shards"],
+        "seconds": manifest["seconds"],
+        "calibration": None if not manifest.get("calibration") else {
+            k: manifest["calibration"].get(k) for k in ("source", "samples", "seqlen", "seed", "tokens_sha256")},
+        "layer_loss": [l.get("loss") for l in layers],
+        "tokens_per_expert": {"min": min(flat), "max": max(flat),
+                              "zero_token_experts": sum(1 for n in flat if n == 0)} if flat else None,
+        "warnings": manifest["warnings"],
+        "manifest": MANIFEST,
+    }
+
+
+__all__ = ["SCHEMES", "SafetensorsExporter", "ShardedWriter", "clean_stale_temps", "hf_text_config", "make_scheme",
+           "summary"]

@@ -1,0 +1,230 @@
+"""`convert --to safetensors` output against compressed-tensors and transformers: layout, config, bit-exact
+decompression for every scheme, and the pipeline's staged forward against the model's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from llama4_quant.cli.convert_cmd import run_convert
+from llama4_quant.convert.pipeline import Pipeline, PipelineOptions, Selection, tensor_specs
+from llama4_quant.convert.quantized_source import QuantizedSource
+from llama4_quant.errors import Llama4QuantError
+from llama4_quant.model.checkpoint import open_checkpoint
+from llama4_quant.model.runner import LayerwiseRunner
+from llama4_quant.quant.rtn import QuantResult
+
+ct = pytest.importorskip("compressed_tensors")
+from compressed_tensors.compressors import BaseCompressor  # noqa: E402
+from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
+from compressed_tensors.utils.match import is_match  # noqa: E402
+
+SCHEMES = ["w4a16", "w4a16-asym", "w8a16", "fp8-dynamic", "fp8-block"]
+
+
+def _convert(src: Path, out: Path, **kw):
+    kw.setdefault("calib", str(src / "calib.txt"))
+    kw.setdefault("calib_samples", 6)
+    kw.setdefault("calib_seqlen", 64)
+    kw.setdefault("device", "cpu")
+    return run_convert(str(src), str(out), progress=False, **kw)
+
+
+def _stored(out: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for f in sorted(set(index.values())):
+        with safe_open(str(out / f), framework="pt") as h:
+            for k in h.keys():
+                tensors[k] = h.get_tensor(k)
+    assert set(tensors) == set(index)
+    return tensors
+
+
+def _ct_decompress(out: Path) -> dict[str, torch.Tensor]:
+    """compressed-tensors' own decompression of every quantized module, routed by its own target matching."""
+    qc_raw = json.loads((out / "config.json").read_text())["quantization_config"]
+    qc = QuantizationConfig.model_validate(qc_raw)
+    stored = _stored(out)
+    modules = sorted({k.rsplit(".", 1)[0] for k in stored if k.endswith(".weight_scale")})
+    dummy = torch.nn.Linear(1, 1)
+    result = {}
+    for m in modules:
+        groups = [g for g in qc.config_groups.values() if is_match(m, dummy, g.targets, qc.ignore)]
+        assert len(groups) == 1, m
+        scheme = groups[0]
+        comp = BaseCompressor.get_value_from_registry(scheme.format or qc.format)
+        state = {k.rsplit(".", 1)[1]: v for k, v in stored.items() if k.rsplit(".", 1)[0] == m}
+        result[m] = comp.decompress(state, scheme)["weight"]
+    # every unquantized Linear of the text model is ignored, so no loader tries to quantize it
+    for k in stored:
+        mod = k.removesuffix(".weight")
+        if k.endswith(".weight") and mod + ".weight_scale" not in stored and (".self_attn." in k or ".router" in k or
+                                                                               "lm_head" in k or ".experts." in k):
+            assert not is_match(mod, dummy, ["Linear"], qc.ignore), mod
+    return result
+
+
+@pytest.fixture(scope="module")
+def outputs(tiny_mm, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cvout")
+    outs = {}
+    for s in SCHEMES:
+        method = "gptq" if s in ("w4a16", "w4a16-asym") else "rtn"
+        manifest, _ = _convert(tiny_mm, root / s, scheme=s, method=method)
+        outs[s] = (root / s, manifest)
+    return outs
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_compressed_tensors_decompresses_bit_exact(outputs, tiny_mm, scheme):
+    out, manifest = outputs[scheme]
+    ours = QuantizedSource(out)
+    theirs = _ct_decompress(out)
+    cfg = ours.config
+    n_expected = cfg.num_layers * (3 * cfg.num_experts + 3)  # routed + shared experts, all layers MoE
+    assert len(theirs) == n_expected == len(manifest["tensors"])
+    for module, w in theirs.items():
+        mine = ours.read_module(module)
+        assert w.dtype == mine.dtype == torch.bfloat16, module
+        assert torch.equal(w, mine), module
+    # unfused experts by index, HF names; everything else byte-identical to the source (vision tower included)
+    stored = _stored(out)
+    assert "language_model.model.layers.1.feed_forward.experts.3.down_proj.weight_scale" in stored
+    assert not any(k.endswith(("gate_up_proj", "experts.down_proj")) for k in stored)
+    src = open_checkpoint(tiny_mm)
+    for k, v in stored.items():
+        if not k.rsplit(".", 1)[1].startswith("weight_") and not (k.endswith(".weight") and k[:-7] in theirs):
+            assert torch.equal(v, src.read_raw(k)), k
+    assert any(k.startswith("vision_model.") for k in stored)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "re:vision_model.*" in qc["ignore"] and "language_model.lm_head" in qc["ignore"]
+    assert "language_model.model.layers.0.feed_forward.router" in qc["ignore"]
+    assert qc["format"] == ("float-quantized" if scheme.startswith("fp8") else "pack-quantized")
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "llama4-quant.json"):
+        assert (out / f).exists(), f
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "fp8-block"])
+def test_transformers_loads_unfused_experts(outputs, scheme):
+    """transformers 5.x swaps Llama4TextExperts for per-expert MLPs under compressed-tensors, so the unfused
+    layout loads; its decompressed weights equal ours bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    out, _ = outputs[scheme]
+    model, info = transformers.Llama4ForConditionalGeneration.from_pretrained(
+        out, dtype=torch.bfloat16, output_loading_info=True)
+    assert not any(info.values()), info
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[320, 5, 17, 40, 99, 3]])).logits  # first forward decompresses
+    assert torch.isfinite(logits).all()
+    ours = QuantizedSource(out)
+    lm = model.language_model.model
+    cfg = ours.config
+    for i in range(cfg.num_layers):
+        ff = lm.layers[i].feed_forward
+        for e in range(cfg.num_experts):
+            for kind in ("gate", "up", "down"):
+                w = getattr(ff.experts[e], f"{kind}_proj").weight
+                assert torch.equal(w.data, ours.read_expert(i, kind, e)), (i, e, kind)
+        assert torch.equal(ff.shared_expert.down_proj.weight.data, ours.read(f"layers.{i}.shared.down"))
+
+
+def test_text_only_dense_layers_and_targets(tiny_dense, tmp_path):
+    out = tmp_path / "o"
+    manifest, summary = _convert(tiny_dense, out, targets=["experts,mlp,attn"], ignore=["layers.1.wo"])
+    stored = _stored(out)
+    assert "model.layers.0.feed_forward.gate_proj.weight_packed" in stored  # dense layer (text-only prefix)
+    assert "model.layers.0.self_attn.q_proj.weight_packed" in stored
+    assert "model.layers.1.self_attn.o_proj.weight" in stored  # --ignore by canonical name
+    assert "model.layers.1.feed_forward.shared_expert.up_proj.weight" in stored  # shared not targeted
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "model.layers.1.self_attn.o_proj" in qc["ignore"]
+    assert "model.layers.1.feed_forward.shared_expert.up_proj" in qc["ignore"]
+    assert any("vLLM" in w for w in summary["warnings"])
+    theirs = _ct_decompress(out)
+    ours = QuantizedSource(out)
+    for m, w in theirs.items():
+        assert torch.equal(w, ours.read_module(m)), m
+
+
+def test_group_size_must_divide(tiny_dense, tmp_path):
+    with pytest.raises(Llama4QuantError, match="multiple of --group-size 96"):
+        _convert(tiny_dense, tmp_path / "o", group_size=96, method="rtn")
+    assert not (tmp_path / "o").exists()
+
+
+class _IdentityGrid:
+    group_size = None
+
+    def fit(self, w, importance=None):
+        return ()
+
+    def quantize(self, w, params, offset=0):
+        return w
+
+
+class _CaptureExporter:
+    """Quantizes every Linear onto the identity grid: the pipeline's staged forward must then be the model's."""
+
+    def prepare(self, source):
+        self.source = source
+
+    def grid_for(self, spec):
+        return _IdentityGrid() if spec.is_linear and spec.role != "router" else None
+
+    def begin(self, source, plan):
+        self.written = []
+
+    def runtime_weight(self, spec, result: QuantResult, grid):
+        return result.weight
+
+    def write_tensor(self, spec, tensor):
+        self.written.append(spec.name)
+
+    def write_quantized(self, spec, expert, result, grid):
+        assert result.record.loss == 0.0
+        self.written.append(spec.name if expert is None else spec.expert_name(expert))
+
+    def end_layer(self, layer):
+        pass
+
+    def finish(self, report):
+        return report
+
+    def abort(self):
+        pass
+
+
+@pytest.mark.parametrize("mode", ["routed", "all"])
+def test_staged_forward_matches_runner(tiny_dense, mode):
+    src = open_checkpoint(tiny_dense)
+    tokens = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(0))
+    captured = {}
+
+    class P(Pipeline):
+        def _head(self, spec, grid, store):
+            captured["h"] = store.data.clone()
+            super()._head(spec, grid, store)
+
+    exp = _CaptureExporter()
+    opts = PipelineOptions(method="gptq", moe_calibration=mode, batch_size=2, hessian_budget_bytes=1)  # 1 expert/chunk
+    report = P(src, exp, opts).run(tokens, {})
+    runner = LayerwiseRunner(src, "cpu", torch.float32, 2)
+    store = runner.embed(tokens)
+    runner.run_layers(store)
+    torch.testing.assert_close(captured["h"], store.data, rtol=1e-5, atol=1e-5)
+    specs = tensor_specs(src.config)
+    assert exp.written[0] == "tok_embeddings" and exp.written[-1] == "output"
+    assert len(exp.written) == sum(max(1, s.num_experts) for s in specs)
+    assert report["layers"][1]["tokens_per_expert"] and sum(report["layers"][1]["tokens_per_expert"]) == 3 * 24
+
+
+def test_selection_parsing():
+    s = Selection.parse(["experts", "attn,lm_head"], ["layers.0.*"])
+    assert s.roles == {"experts", "attn", "head"}
+    with pytest.raises(Llama4QuantError, match="unknown --targets"):
+        Selection.parse(["router"])
