@@ -87,6 +87,8 @@ class _RichProgress:
 @click.option("--calib-samples", default=128, show_default=True, help="Calibration sequences.")
 @click.option("--calib-seqlen", default=2048, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the calibration sampling.")
+@click.option("--tokenizer", "tokenizer_path", default=None, type=click.Path(exists=True),
+              help="tokenizer.json for calibration (default: the model's).")
 @click.option("--group-size", default=128, show_default=True, help="Int schemes: input columns per scale (-1: per channel).")
 @click.option("--targets", "targets", multiple=True, help="What to quantize, comma separated: experts, shared, mlp, attn, "
               "lm_head. Default: experts,shared,mlp.")
@@ -111,7 +113,8 @@ class _RichProgress:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @handle_errors
-def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seqlen, seed, group_size, targets, ignore,
+def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seqlen, seed, tokenizer_path, group_size,
+                targets, ignore,
                 moe_calibration, min_expert_tokens, act_order, damp, observer, device, dtype, batch_size, hessian_memory,
                 max_shard_size, force, as_json):
     """Quantize MODEL (a checkpoint directory or a Hub repo id) into OUT.
@@ -126,7 +129,8 @@ def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seql
     with _sigterm_as_interrupt():
         manifest, summary = run_convert(
             model, out, scheme=scheme, method=method, calib=calib, calib_samples=calib_samples,
-            calib_seqlen=calib_seqlen, seed=seed, group_size=group_size, targets=targets, ignore=ignore,
+            calib_seqlen=calib_seqlen, seed=seed, tokenizer=tokenizer_path, group_size=group_size, targets=targets,
+            ignore=ignore,
             moe_calibration=moe_calibration, min_expert_tokens=min_expert_tokens, act_order=act_order, damp=damp,
             observer=observer, device=device, dtype=dtype, batch_size=batch_size, hessian_memory=hessian_memory,
             max_shard_size=max_shard_size, force=force)
@@ -144,11 +148,12 @@ def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seql
 
 
 def run_convert(model, out, *, scheme="w4a16", method="auto", calib=None, calib_samples=128, calib_seqlen=2048,
-                seed=0, group_size=128, targets=(), ignore=(), moe_calibration="routed", min_expert_tokens=16,
+                seed=0, tokenizer=None, group_size=128, targets=(), ignore=(), moe_calibration="routed", min_expert_tokens=16,
                 act_order=True, damp=0.01, observer="minmax", device="auto", dtype="auto", batch_size=4,
                 hessian_memory=8 << 30, max_shard_size=2 * 10**9, force=False, progress=None):
     """The convert command without Click: returns (manifest, summary)."""
     from ..convert.pipeline import Pipeline, PipelineOptions, Selection
+    from ..errors import Llama4QuantError
     from ..convert.safetensors_export import SafetensorsExporter, make_scheme, summary as make_summary
     from ..model.checkpoint import open_checkpoint
     from ..model.runner import resolve_device, resolve_dtype
@@ -167,6 +172,9 @@ def run_convert(model, out, *, scheme="w4a16", method="auto", calib=None, calib_
     exporter = SafetensorsExporter(out, sch, selection, force=force, max_shard_bytes=max_shard_size, observer=observer,
                                    actorder=act_order and method == "gptq", scheme_name=scheme, source_label=model)
     reader = open_checkpoint(_resolve(model))
+    src_dir, out_dir = Path(reader.path).resolve(), exporter.out.resolve()
+    if out_dir == src_dir or out_dir in src_dir.parents:
+        raise Llama4QuantError(f"OUT {out} is the source checkpoint or contains it: choose another directory")
     dev = resolve_device(device)
     opts = PipelineOptions(method=method, gptq=GPTQConfig(damp=damp, act_order=act_order),
                            moe_calibration=moe_calibration, min_expert_tokens=min_expert_tokens, device=dev,
@@ -176,7 +184,7 @@ def run_convert(model, out, *, scheme="w4a16", method="auto", calib=None, calib_
         from ..calibration.dataset import load_calibration
         from ..model.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(reader.path)
+        tok = load_tokenizer(tokenizer or reader.path)
         cs = load_calibration(calib, tok, calib_samples, calib_seqlen, seed)
         tokens, info = cs.tokens, cs.info
         warnings += [f"calibration: {w}" for w in info.get("warnings", [])]

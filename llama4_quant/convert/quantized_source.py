@@ -40,7 +40,8 @@ def _matches(name: str, pattern: str) -> bool:
 class QuantizedSource:
     """WeightSource (read / read_expert / config) over a converted model directory."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, dtype: torch.dtype | None = None):
+        """dtype: what quantized weights dequantize to (default: the model dtype, as compressed-tensors does)."""
         self.path = Path(path)
         self.config = load_config(self.path)
         raw = json.loads((self.path / "config.json").read_text())
@@ -49,7 +50,7 @@ class QuantizedSource:
             raise CheckpointError(f"{self.path}: config.json has no compressed-tensors quantization_config")
         self.groups = [(g["targets"], scheme_from_weight_args(g["weights"])) for g in qc["config_groups"].values()]
         self.ignore = qc.get("ignore", [])
-        self.dtype = torch_dtype(self.config.torch_dtype)
+        self.dtype = dtype or torch_dtype(self.config.torch_dtype)
         self.weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
         multimodal = any(k.startswith("language_model.") for k in self.weight_map)
         self.prefix = "language_model.model." if multimodal else "model."

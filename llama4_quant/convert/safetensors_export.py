@@ -221,7 +221,7 @@ def hf_text_config(cfg: Llama4Config) -> dict[str, Any]:
         "interleave_moe_layer_step": cfg.interleave_moe_layer_step, "moe_layers": list(cfg.moe_layers),
         "use_qk_norm": cfg.use_qk_norm, "no_rope_layers": [int(r) for r in cfg.rope_layers],
         "no_rope_layer_interval": cfg.no_rope_layer_interval, "attention_chunk_size": cfg.attention_chunk_size,
-        "attn_temperature_tuning": cfg.attn_temperature_tuning, "floor_scale": cfg.floor_scale,
+        "attn_temperature_tuning": cfg.attn_temperature_tuning, "floor_scale": int(cfg.floor_scale),
         "attn_scale": cfg.attn_scale, "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_word_embeddings,
         "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
         "torch_dtype": cfg.torch_dtype,

@@ -63,7 +63,3 @@ def test_existing_output_needs_force(cli, tiny_mm, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
     assert _temps(out) == []
 
-
-def test_gguf_not_yet(cli, tiny_mm, tmp_path):
-    r = cli("convert", str(tiny_mm), str(tmp_path / "o"), "--to", "gguf", env=cli_env())
-    assert r.returncode == 1 and r.stderr.strip() == "error: --to gguf: not yet implemented (use --to safetensors)"

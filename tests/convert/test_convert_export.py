@@ -151,6 +151,28 @@ def test_text_only_dense_layers_and_targets(tiny_dense, tmp_path):
         assert torch.equal(w, ours.read_module(m)), m
 
 
+def test_meta_source_gives_loadable_text_model(tmp_path):
+    """Meta's layout has no config.json: the output gets a synthesized Llama4ForCausalLM one that transformers
+    loads, and its logits match our forward on the same (fp32-dequantized) weights."""
+    transformers = pytest.importorskip("transformers")
+    from llama4_quant.testing.checkpoints import text_config, write_meta_checkpoint
+
+    tc = text_config("maverick", hidden_size=128, intermediate_size=256, intermediate_size_mlp=512, head_dim=32)
+    src = write_meta_checkpoint(tmp_path / "meta", tc, shards=2)
+    out = tmp_path / "o"
+    manifest, _ = _convert(src, out, method="rtn", calib=None)
+    assert any("Llama4ForCausalLM" in w for w in manifest["warnings"])
+    assert "model.layers.1.feed_forward.experts.0.gate_proj.weight_packed" in _stored(out)
+    model = transformers.Llama4ForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    tokens = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=tokens).logits[0]
+    ours = {}
+    LayerwiseRunner(QuantizedSource(out, dtype=torch.float32), "cpu", torch.float32, 1).logits(
+        tokens, lambda n, logits: ours.__setitem__(n, logits))
+    torch.testing.assert_close(ours[0], ref, rtol=1e-4, atol=1e-4)
+
+
 def test_group_size_must_divide(tiny_dense, tmp_path):
     with pytest.raises(Llama4QuantError, match="multiple of --group-size 96"):
         _convert(tiny_dense, tmp_path / "o", group_size=96, method="rtn")
