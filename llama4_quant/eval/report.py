@@ -45,6 +45,18 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, ax, out: Path, name: str, title: str, xlabel: str, ylabel: str) -> str:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=110)
+    plt.close(fig)
+    return f"{name}.png"
+
+
 def _plots(result: dict, out: Path) -> dict[str, str]:
     files = {}
     cands = result["candidates"]
@@ -54,15 +66,8 @@ def _plots(result: dict, out: Path) -> dict[str, str]:
             ax.plot(range(len(c["layer_error"])), c["layer_error"], marker="o", label=f"{_short(c['path'])} (layer alone)")
             ax.plot(range(len(c["stream_error"])), c["stream_error"], linestyle="--", label=f"{_short(c['path'])} (accumulated)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("decoder layer")
-        ax.set_ylabel("relative output error")
-        ax.set_title("Per-layer error vs reference")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "layer_error.png", dpi=110)
-        plt.close(fig)
-        files["layer_error"] = "layer_error.png"
+        files["layer_error"] = _save(fig, ax, out, "layer_error", "Per-layer error vs reference", "decoder layer",
+                                     "relative output error")
 
         fig, ax = plt.subplots(figsize=(7, 3.6))
         positive = [v for c in cands for v in c.get("kld_values", []) if v > 0]
@@ -74,34 +79,19 @@ def _plots(result: dict, out: Path) -> dict[str, str]:
             label = _short(c["path"]) + (f" ({zero} tokens with KLD 0)" if zero else "")
             ax.hist(vals, bins=bins, alpha=0.5, label=label)
         ax.set_xscale("log")
-        ax.set_xlabel("KL divergence per token (nats, log scale)")
-        ax.set_ylabel("tokens")
-        ax.set_title("KL divergence from reference")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "kld_hist.png", dpi=110)
-        plt.close(fig)
-        files["kld_hist"] = "kld_hist.png"
+        files["kld_hist"] = _save(fig, ax, out, "kld_hist", "KL divergence from reference",
+                                  "KL divergence per token (nats, log scale)", "tokens")
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ref = result["reference"]
     ax.plot(ref["per_chunk_ppl"], marker="o", color="black", label=f"reference {_short(ref['path'])}")
     for c in cands:
         ax.plot(c["per_chunk_ppl"], marker=".", label=_short(c["path"]))
-    ax.set_xlabel("chunk")
-    ax.set_ylabel("perplexity")
-    ax.set_title("Perplexity per chunk")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "ppl_chunks.png", dpi=110)
-    plt.close(fig)
-    files["ppl_chunks"] = "ppl_chunks.png"
+    files["ppl_chunks"] = _save(fig, ax, out, "ppl_chunks", "Perplexity per chunk", "chunk", "perplexity")
     return files
 
 
-def _html(result: dict, md_table: str, plots: dict[str, str]) -> str:
+def _html(result: dict, plots: dict[str, str]) -> str:
     r = result["reference"]
     rows = "".join(
         f"<tr class='{'ok' if c['passed'] else 'bad'}'><td>{html.escape(_short(c['path']))}</td><td>{c['perplexity']:.4f}</td>"
@@ -130,7 +120,7 @@ def write_report(result: dict, out: Path) -> dict[str, Path]:
     md = _markdown(result)
     written = {}
     for name, text in (("report.json", json.dumps(result, indent=2, default=str)), ("report.md", md),
-                       ("report.html", _html(result, md, plots))):
+                       ("report.html", _html(result, plots))):
         fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
         with os.fdopen(fd, "w") as f:
             f.write(text)
