@@ -149,7 +149,13 @@ class Exporter(Protocol):
 
     Call order: prepare(source) -> grid_for (every spec, before anything runs) -> begin(plan) -> write_tensor /
     write_quantized (spec order; within a MoE layer experts come expert by expert, gate/up/down each)
-    with end_layer(i) after each layer -> finish(report), or abort() on any failure (also on Ctrl-C)."""
+    with end_layer(i) after each layer -> finish(report), or abort() on any failure (also on Ctrl-C).
+
+    Routed experts: grid_for sees one spec per kind (`layers.N.experts.gate`, num_experts = E) and its grid applies
+    to every expert; write_quantized then gets that spec with `expert` = e. Experts kept unquantized arrive through
+    write_tensor as specs named `layers.N.experts.E.gate` (role "experts", num_experts 0), one per expert.
+    `report` (finish) holds per-tensor QuantRecords (+ rel_loss, grid), per-layer stats incl. tokens per expert,
+    the calibration info and warnings; the exporter adds its own (files, hashes) and publishes atomically."""
 
     def prepare(self, source: CheckpointReader) -> None:
         """Learn the source (naming, dtype) before grids are chosen."""
@@ -288,9 +294,11 @@ class Pipeline:
         self.records[name] = rec
         return result
 
-    def _emit(self, spec: TensorSpec, expert: int | None, result: QuantResult, grid: Grid) -> torch.Tensor:
+    def _emit(self, spec: TensorSpec, expert: int | None, result: QuantResult, grid: Grid,
+              runtime: bool = False) -> torch.Tensor | None:
+        """Hand a result to the exporter; with `runtime`, return the weight later forwards compute with."""
         self.exporter.write_quantized(spec, expert, result, grid)
-        return self.exporter.runtime_weight(spec, result, grid)
+        return self.exporter.runtime_weight(spec, result, grid) if runtime else None
 
     # -- main --------------------------------------------------------------------------------------------------
     def run(self, calib_tokens: torch.Tensor | None = None, calib_info: dict | None = None) -> Any:
@@ -303,9 +311,9 @@ class Pipeline:
         calibrate = self.opt.method == "gptq" and any(g is not None for g in grids.values())
         if calibrate and calib_tokens is None:
             raise Llama4QuantError("GPTQ needs calibration tokens")
-        self.exporter.begin(self.source, plan)
         store = None
         try:
+            self.exporter.begin(self.source, plan)
             self.progress.start(self.cfg.num_layers)
             emb_spec = by_name["tok_embeddings"]
             emb = self.source.read("tok_embeddings")
@@ -443,7 +451,10 @@ class Pipeline:
                 self.exporter.write_tensor(spec, self.source.read(p + n))
                 continue
             result = self._quantize(spec, spec.name, w.get(n), grid, accs.get(_OBSERVED_BY[n]))
-            w.set(n, self._emit(spec, None, result, grid))
+            if store is not None:
+                w.set(n, self._emit(spec, None, result, grid, runtime=True))
+            else:
+                self._emit(spec, None, result, grid)
             del result
         accs.clear()
 
@@ -479,7 +490,10 @@ class Pipeline:
                 self.exporter.write_tensor(spec, self.source.read(p + n))
                 continue
             result = self._quantize(spec, spec.name, w.get(n), grid, accs.get(_OBSERVED_BY[n]))
-            w.set(n, self._emit(spec, None, result, grid))
+            if calibrate:
+                w.set(n, self._emit(spec, None, result, grid, runtime=True))
+            else:
+                self._emit(spec, None, result, grid)
         accs.clear()
         if calibrate:
             info["tokens_per_expert"] = counts.tolist()
@@ -523,10 +537,15 @@ class Pipeline:
         cfg, opt = self.cfg, self.opt
         H, I = cfg.hidden_size, cfg.intermediate_size
         kinds = ("gate", "up", "down")
-        weights = {e: {k: self.source.read_expert(i, k, e) for k in kinds} for e in experts}
         calibrate = store is not None
         gptq_stats = calibrate and quantized and opt.method == "gptq"
         all_tokens = opt.moe_calibration == "all"
+
+        def read(e: int) -> dict[str, torch.Tensor]:
+            return {k: self.source.read_expert(i, k, e) for k in kinds}
+
+        # the statistics pass needs the whole chunk's weights; otherwise read each expert just in time
+        weights = {e: read(e) for e in experts} if gptq_stats else {}
         acc_in: dict[int, HessianAccumulator] = {}
         acc_dn: dict[int, HessianAccumulator] = {}
         if gptq_stats:
@@ -554,6 +573,7 @@ class Pipeline:
                 del dev_w
         runtime: dict[int, list[torch.Tensor]] = {}
         for e in experts:
+            we = weights.pop(e) if e in weights else read(e)
             if quantized:
                 fallback = ""
                 if calibrate and opt.method == "gptq" and e not in acc_in:
@@ -564,19 +584,20 @@ class Pipeline:
                 mats = []
                 for k in kinds:
                     acc = (acc_dn if k == "down" else acc_in).get(e)
-                    res = self._quantize(especs[k], especs[k].expert_name(e), weights[e][k], egrids[k], acc, fallback)
-                    mats.append(self._emit(especs[k], e, res, egrids[k]))
+                    res = self._quantize(especs[k], especs[k].expert_name(e), we[k], egrids[k], acc, fallback)
+                    mats.append(self._emit(especs[k], e, res, egrids[k], runtime=out is not None))
                     del res
-                runtime[e] = mats
+                if out is not None:
+                    runtime[e] = mats
                 acc_in.pop(e, None)
                 acc_dn.pop(e, None)  # free this expert's Hessians right away
             else:
                 for k in kinds:
-                    self.exporter.write_tensor(TensorSpec(especs[k].expert_name(e), "experts", especs[k].shape, i),
-                                               weights[e][k])
-                runtime[e] = [weights[e][k] for k in kinds]
+                    self.exporter.write_tensor(TensorSpec(especs[k].expert_name(e), "experts", especs[k].shape, i), we[k])
+                if out is not None:
+                    runtime[e] = [we[k] for k in kinds]
+            del we
             self.progress.expert_done(i, e)
-        del weights
         if out is None:
             return
         dev_q = {e: [t.to(self.device, opt.dtype) for t in runtime.pop(e)] for e in experts}

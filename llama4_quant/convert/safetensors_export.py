@@ -437,7 +437,12 @@ class SafetensorsExporter:
                 raise Llama4QuantError(f"{self.out} appeared while converting (pass --force to replace it)")
             old = self.out.parent / f"{self.out.name}.tmp-{os.getpid()}-old{secrets.token_hex(2)}"
             os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
+        try:
+            os.replace(self.tmp, self.out)
+        except BaseException:
+            if old is not None:  # put the previous output back
+                os.replace(old, self.out)
+            raise
         self.tmp = None
         try:
             fd = os.open(self.out.parent, os.O_RDONLY)
