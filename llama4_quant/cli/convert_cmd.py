@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ..formats.gguf_mix import SCHEMES as GGUF_SCHEMES
 from .common import emit_json, handle_errors, progress_bar, progress_enabled
 from .units import SizeType, human
 
@@ -74,14 +75,16 @@ class _RichProgress:
 
 @click.command("convert")
 @click.argument("model")
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path())
 @click.option("--to", "to", type=click.Choice(FORMATS), default="safetensors", show_default=True, help="Output format.")
 @click.option("--scheme", default="w4a16", show_default=True,
-              type=click.Choice(["w4a16", "w4a16-asym", "w8a16", "fp8-dynamic", "fp8-block"]),
+              type=click.Choice(["w4a16", "w4a16-asym", "w8a16", "fp8-dynamic", "fp8-block", *GGUF_SCHEMES]),
               help="w4a16: int4 symmetric, group 128; w8a16: int8, group 128; fp8-dynamic: fp8 e4m3 per-channel "
-                   "weights + dynamic per-token activations; fp8-block: 128x128 weight blocks.")
-@click.option("--method", type=click.Choice(["auto", "gptq", "rtn"]), default="auto", show_default=True,
-              help="gptq (calibrated) or rtn (no data); auto: gptq for int schemes, rtn for fp8.")
+                   "weights + dynamic per-token activations; fp8-block: 128x128 weight blocks. "
+                   "--to gguf: bf16, f16, q8_0, q6_k, q5_k_m, q4_k_m (default), q4_k_s, q4_0 (docs/gguf.md).")
+@click.option("--method", type=click.Choice(["auto", "gptq", "rtn", "imatrix"]), default="auto", show_default=True,
+              help="gptq (calibrated) or rtn (no data); auto: gptq for int schemes, rtn for fp8. "
+                   "--to gguf also: imatrix (llama-imatrix's statistic); auto: gptq when calibration data is available.")
 @click.option("--calib", default=None, help="Calibration data: a .txt/.jsonl/.json file or folder, or a Hub dataset "
               "org/name[@rev][:path]. Default: the recipe in calibration/default.json (fetched from the Hub).")
 @click.option("--calib-samples", default=128, show_default=True, help="Calibration sequences.")
@@ -110,13 +113,18 @@ class _RichProgress:
 @click.option("--hessian-memory", default="8GiB", show_default=True, type=SizeType(),
               help="Budget for the expert Hessians held at once (experts are processed in chunks that fit).")
 @click.option("--max-shard-size", default="2GB", show_default=True, type=SizeType(), help="Largest output shard.")
+@click.option("--split-max-size", default=None, type=SizeType(), help="--to gguf: split into files of at most this "
+              "many tensor bytes, llama.cpp's gguf-split format (NAME-00001-of-0000N.gguf).")
+@click.option("--imatrix", "imatrix_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="--to gguf: use this llama-imatrix output (GGUF format) instead of computing one "
+                   "(implies --method imatrix).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @handle_errors
 def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seqlen, seed, tokenizer_path, group_size,
                 targets, ignore,
                 moe_calibration, min_expert_tokens, act_order, damp, observer, device, dtype, batch_size, hessian_memory,
-                max_shard_size, force, as_json):
+                max_shard_size, split_max_size, imatrix_file, force, as_json):
     """Quantize MODEL (a checkpoint directory or a Hub repo id) into OUT.
 
     Layers are processed one at a time: each is calibrated on the activations the already quantized layers
@@ -124,8 +132,26 @@ def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seql
     appears only when complete. Attention stays bf16 unless --targets includes attn (see docs/convert.md)."""
     from ..errors import Llama4QuantError
 
-    if to == "gguf":
-        raise Llama4QuantError("--to gguf: not yet implemented (use --to safetensors)")
+    if to == "gguf":  # GGUF branch: cli/convert_gguf.py
+        from click.core import ParameterSource
+
+        from .convert_gguf import convert_gguf
+
+        default_scheme = click.get_current_context().get_parameter_source("scheme") == ParameterSource.DEFAULT
+        with _sigterm_as_interrupt():
+            convert_gguf(model, out, scheme=None if default_scheme else scheme, method=method, as_json=as_json,
+                         progress_cls=_RichProgress, calib=calib, calib_samples=calib_samples,
+                         calib_seqlen=calib_seqlen, seed=seed, tokenizer=tokenizer_path,
+                         split_max_size=split_max_size or 0, imatrix_file=imatrix_file, force=force,
+                         act_order=act_order, damp=damp,
+                         moe_calibration=moe_calibration, min_expert_tokens=min_expert_tokens, device=device,
+                         dtype=dtype, batch_size=batch_size, hessian_memory=hessian_memory)
+        return
+    gguf_only = [o for o, used in (("--scheme " + scheme, scheme in GGUF_SCHEMES),
+                                   ("--method imatrix", method == "imatrix"), ("--split-max-size", bool(split_max_size)),
+                                   ("--imatrix", bool(imatrix_file))) if used]
+    if gguf_only:
+        raise Llama4QuantError(f"{gguf_only[0]} needs --to gguf")
     with _sigterm_as_interrupt():
         manifest, summary = run_convert(
             model, out, scheme=scheme, method=method, calib=calib, calib_samples=calib_samples,

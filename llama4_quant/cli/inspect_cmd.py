@@ -78,7 +78,13 @@ def inspect_cmd(model, gpu_mem, context, as_json):
     """Show MODEL's architecture, parameter counts by component and the memory each export scheme
     needs (weights + bf16 KV cache for --context), and whether it fits --gpu-mem.
 
-    MODEL is a checkpoint directory (HF or Meta layout), a Hub repo id, or a preset: scout, maverick."""
+    MODEL is a checkpoint directory (HF or Meta layout), a Hub repo id, or a preset: scout, maverick;
+    or a .gguf file (any split part): its tensor types and sizes."""
+    if model.endswith(".gguf"):  # GGUF view: cli/convert_gguf.py
+        from .convert_gguf import inspect_gguf
+
+        inspect_gguf(model, as_json)
+        return
     info = describe_model(model, context, gpu_mem)
     if as_json:
         emit_json(info)

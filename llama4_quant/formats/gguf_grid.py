@@ -1,0 +1,117 @@
+"""GGML block formats as GPTQ grids (the `quant.grid.Grid` interface over `gguf_quants`' grid API).
+
+One GPTQ group is one *param block*: a 256-column super-block for Q4_K/Q5_K/Q6_K (its 8 or 16
+sub-block scales share the fp16 super-block scale, so they are chosen together), 32 columns for
+Q4_0/Q8_0. `fit` runs llama.cpp's own scale search on the group's current (error-compensated)
+weights, importance-weighted like `llama-quantize --imatrix` when GPTQ hands it the Hessian diagonal
+(diag H = 2 * mean x^2: proportional to llama.cpp's imatrix, and the searches are invariant to a common
+factor). `quantize` rounds columns onto that grid and returns the float32 values llama.cpp decodes.
+
+`pack_result` turns a finished `QuantResult` (every column on its group's grid) into the file bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import gguf_quants as gq
+from .gguf_quants import QT
+
+GRID_TYPES = (QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+
+
+class BlockGrid:
+    """Grid of one GGML block type for `quant.gptq.gptq` / `quant.rtn.rtn`."""
+
+    def __init__(self, qtype: QT, use_importance: bool = True):
+        qtype = QT(qtype)
+        if qtype not in GRID_TYPES:
+            raise ValueError(f"no GPTQ grid for {qtype.name}")
+        self.qtype = qtype
+        self.use_importance = use_importance
+
+    def __repr__(self) -> str:
+        return f"gguf:{self.qtype.name}"
+
+    @property
+    def scheme(self) -> str:  # what the pipeline's report prints for the grid
+        return f"gguf {self.qtype.name}"
+
+    @property
+    def group_size(self) -> int:
+        return gq.param_block_cols(self.qtype)
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> gq.BlockParams:
+        imatrix = None
+        if self.use_importance and importance is not None and self.qtype != QT.Q8_0:
+            imp = importance.detach().float().cpu().clamp(min=0)
+            if bool(torch.isfinite(imp).all()) and float(imp.sum()) > 0:
+                imatrix = imp.numpy()
+        return gq.block_params(w.detach().float().cpu(), self.qtype, imatrix)
+
+    def quantize(self, w: torch.Tensor, params: gq.BlockParams, offset: int = 0) -> torch.Tensor:
+        dev = w.device
+        wc = w.detach().float().cpu()
+        codes = gq.quantize_with_params(wc, params, offset)
+        return gq.dequantize_codes(codes, params, offset).to(dev)
+
+
+class FixedParams:
+    """A group quantized once at fit time: its file bytes and the values they decode to."""
+
+    def __init__(self, packed: np.ndarray, values: torch.Tensor):
+        self.packed = packed
+        self.values = values
+
+
+class RefGrid:
+    """Grid for the mix's fallback types that have no GPTQ grid here (Q4_1, Q5_0, Q5_1, F16, BF16).
+
+    `fit` quantizes the group's current weights once with gguf-py's reference quantizer (llama.cpp's
+    RTN, no importance weighting) and `quantize` returns those values: inside the group no error feedback,
+    but GPTQ still carries the group's error into the columns after it. Used where a routed-expert layer mixes
+    block types with fallback types (the pipeline quantizes gate/up/down of a layer all or none)."""
+
+    def __init__(self, qtype: QT):
+        from gguf import GGML_QUANT_SIZES
+
+        self.qtype = QT(qtype)
+        self._block = GGML_QUANT_SIZES[self.qtype][0]
+
+    def __repr__(self) -> str:
+        return f"gguf-ref:{self.qtype.name}"
+
+    @property
+    def scheme(self) -> str:
+        return f"gguf {self.qtype.name} (reference RTN per group)"
+
+    @property
+    def group_size(self) -> int | None:
+        return self._block if self._block > 1 else None
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> FixedParams:
+        from gguf.quants import dequantize, quantize
+
+        x = np.ascontiguousarray(w.detach().float().cpu().numpy())
+        packed = quantize(x, self.qtype)
+        values = torch.from_numpy(np.asarray(dequantize(packed, self.qtype), dtype=np.float32).reshape(x.shape))
+        return FixedParams(packed, values.to(w.device))
+
+    def quantize(self, w: torch.Tensor, params: FixedParams, offset: int = 0) -> torch.Tensor:
+        return params.values[:, offset:offset + w.shape[1]].to(w.device)
+
+
+def grid_for_type(qtype: QT, use_importance: bool = True):
+    qtype = QT(qtype)
+    return BlockGrid(qtype, use_importance) if qtype in GRID_TYPES else RefGrid(qtype)
+
+
+def pack_result(weight: torch.Tensor, params: list) -> np.ndarray:
+    """File bytes [rows, bytes_per_row] of a weight whose every group lies on `params` (column order)."""
+    if params and isinstance(params[0], FixedParams):
+        parts = [np.asarray(p.packed).reshape(p.values.shape[0], -1).view(np.uint8) for p in params]
+        return np.ascontiguousarray(np.concatenate(parts, axis=1))
+    p = gq.concat_params(params)
+    codes = gq.quantize_with_params(weight.detach().float().cpu(), p)
+    return gq.pack(codes, p)
