@@ -4,7 +4,6 @@ Hub datasets through the real huggingface_hub client (against the Hub stand-in),
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
