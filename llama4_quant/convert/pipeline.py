@@ -41,7 +41,7 @@ from ..errors import Llama4QuantError
 from ..model.checkpoint import CheckpointReader
 from ..model.config import Llama4Config
 from ..model.forward import LayerWeights, attention_block, dense_block, rms_norm, route, swiglu
-from ..model.runner import DEFAULT_SPILL_BYTES, ActivationStore, LayerwiseRunner
+from ..model.runner import DEFAULT_SPILL_BYTES, ActivationStore, LayerwiseRunner, release
 from ..quant.gptq import GPTQConfig, gptq
 from ..quant.grid import Grid, IntGrid
 from ..quant.hessian import HessianAccumulator
@@ -343,13 +343,7 @@ class Pipeline:
         return result
 
     def _release_source(self) -> None:
-        """HF readers memory-map each shard they touch and keep it mapped: clean page cache, but resident memory
-        all the same, growing to the whole checkpoint. Dropping the handles after every layer unmaps what the
-        layer touched (they reopen lazily). Meta readers load their .pth shards once and cannot reopen."""
-        from ..model.hf_reader import HFReader
-
-        if isinstance(self.source, HFReader):
-            self.source.close()
+        release(self.source)
 
     def _write_plain_or_rtn(self, spec: TensorSpec, tensor: torch.Tensor, grid: Grid | None) -> None:
         if grid is None:

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import Llama4QuantError
 from ..model.forward import LayerWeights, decoder_layer, rms_norm
-from ..model.runner import ActivationStore, LayerwiseRunner
+from ..model.runner import ActivationStore, LayerwiseRunner, release
 from .perplexity import ChunkScores
 
 
@@ -104,6 +104,8 @@ def compare_models(
                     cand_out[j].stream_error.append(_rel(stream_sq[j], ref_sq))
                 for w in ws:
                     w.free()
+                for m in [reference, *candidates]:
+                    release(m)
                 if on_layer:
                     on_layer(i)
             heads = []

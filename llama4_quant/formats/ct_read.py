@@ -125,6 +125,9 @@ class CompressedTensorsSource(CheckpointReader):
     def close(self) -> None:
         self.hf.close()
 
+    def release(self) -> None:
+        self.hf.release()
+
 
 def is_compressed_tensors_dir(path: str | Path) -> bool:
     p = Path(path) / "config.json"

@@ -102,6 +102,10 @@ class CheckpointReader:
     def close(self) -> None:
         pass
 
+    def release(self) -> None:
+        """Drop memory maps of what was read so far (they reopen lazily on the next read). Called after
+        every layer: mapped pages count as resident memory and would grow to the whole checkpoint."""
+
     # -- public ---------------------------------------------------------------------
     def read(self, name: str) -> torch.Tensor:
         if name == "output" and self.config.tie_word_embeddings:

@@ -115,6 +115,9 @@ class HFReader(CheckpointReader):
     def close(self) -> None:
         self._files.clear()
 
+    def release(self) -> None:
+        self._files.clear()
+
     # -- naming ---------------------------------------------------------------------
     def _hf_name(self, name: str) -> str:
         m = _LAYER.match(name)

@@ -64,8 +64,19 @@ class MetaReader(CheckpointReader):
         if idx != list(range(len(files))):
             missing = sorted(set(range(max(idx) + 1)) - set(idx))
             raise CheckpointError(f"{self.path}: missing shard consolidated.{missing[0]:02d}.pth")
-        self.shards = [_load_shard(f) for f in files]
-        self.n = len(self.shards)
+        self.files = files
+        self.n = len(files)
+        # loaded now so an unreadable shard fails at open time; release() drops them, `shards` reloads
+        self._shards: list[dict[str, torch.Tensor]] | None = [_load_shard(f) for f in files]
+
+    @property
+    def shards(self) -> list[dict[str, torch.Tensor]]:
+        if self._shards is None:
+            self._shards = [_load_shard(f) for f in self.files]
+        return self._shards
+
+    def release(self) -> None:
+        self._shards = None
 
     def _find(self, layer_prefix: str, candidates: tuple[str, ...]) -> str | None:
         for c in candidates:
@@ -165,4 +176,4 @@ class MetaReader(CheckpointReader):
         return self.shards[0]["tok_embeddings.weight"].dtype
 
     def close(self) -> None:
-        self.shards = []
+        self._shards = None

@@ -71,6 +71,13 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
             "fp16": torch.float16, "float16": torch.float16}[dtype]
 
 
+def release(source) -> None:
+    """Let a reader drop the memory maps of the layer just done (see CheckpointReader.release)."""
+    fn = getattr(source, "release", None)
+    if fn is not None:
+        fn()
+
+
 class LayerwiseRunner:
     """Runs token sequences [N, T] through a checkpoint one decoder layer at a time."""
 
@@ -125,6 +132,7 @@ class LayerwiseRunner:
         for i in range(self.cfg.num_layers):
             with self.layer(i) as w:
                 self.forward_layer(i, w, store)
+            release(self.source)
             if on_layer:
                 on_layer(i)
 

@@ -37,5 +37,5 @@ def test_eval_peak_memory_independent_of_layers(tmp_path, tiny_with_tokenizer):
         peaks[n] = peak_anon_mb("eval", str(path), "--data", str(data), "--ctx", "128", "--chunks", "4")
     layer_mb = 8 * 3 * 256 * 1536 * 4 / 2**20  # fp32 experts of one layer
     growth = peaks[12] - peaks[2]
-    # the whole-model approach would add ~10 layers (~360 MB); we allow a small fraction of one layer
-    assert growth < 0.5 * layer_mb, (peaks, layer_mb)
+    # holding the model would add 10 layers (~360 MB); allocator noise aside, we allow less than one layer
+    assert growth < layer_mb, (peaks, layer_mb)
