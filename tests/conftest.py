@@ -42,7 +42,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
     return subprocess.run([sys.executable, "-m", "llama4_quant", *args], capture_output=True, text=True, env=e, timeout=timeout)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli():
     return run_cli
 

@@ -11,12 +11,13 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
 from ..formats.compressed_tensors import read_linear_tensors
+from ..model.checkpoint import expected_shapes
 from ..model.config import load_config
-from ..model.hf_reader import to_hf_name
+from ..model.hf_reader import HFReader, to_hf_name
 from ..quant.scheme import FP8Scheme, IntScheme, Scheme
 from .safetensors_export import INDEX, torch_dtype
 
@@ -51,18 +52,57 @@ class QuantizedSource:
         self.groups = [(g["targets"], scheme_from_weight_args(g["weights"])) for g in qc["config_groups"].values()]
         self.ignore = qc.get("ignore", [])
         self.dtype = dtype or torch_dtype(self.config.torch_dtype)
+        if not (self.path / INDEX).exists():
+            raise CheckpointError(f"{self.path}: no {INDEX} (incomplete output?)")
         self.weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
+        missing = sorted({f for f in self.weight_map.values() if not (self.path / f).exists()})
+        if missing:
+            raise CheckpointError(f"{self.path}: missing shard {missing[0]} listed in {INDEX}")
         multimodal = any(k.startswith("language_model.") for k in self.weight_map)
         self.prefix = "language_model.model." if multimodal else "model."
         self.head = "language_model.lm_head.weight" if multimodal else "lm_head.weight"
         self._files: dict[str, object] = {}
 
     def _raw(self, name: str) -> torch.Tensor:
-        f = self.weight_map[name]
+        return self._handle(self.weight_map[name]).get_tensor(name)
+
+    def _handle(self, f: str):
         h = self._files.get(f)
         if h is None:
-            h = self._files[f] = safe_open(str(self.path / f), framework="pt")
-        return h.get_tensor(name)
+            fpath = self.path / f
+            try:
+                h = safe_open(str(fpath), framework="pt")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{fpath}: unreadable safetensors file ({e}); truncated or corrupt?") from None
+            HFReader._check_size(fpath, h)
+            self._files[f] = h
+        return h
+
+    def release(self) -> None:
+        """Drop the memory maps of the shards read so far (reopened lazily)."""
+        self._files.clear()
+
+    def validate(self) -> None:
+        """Every Linear and norm the config implies is present (plain or quantized) with the right shape."""
+        for name, shape in expected_shapes(self.config).items():
+            m = re.match(r"^layers\.(\d+)\.experts\.(gate|up|down)$", name)
+            modules = ([f"{self.prefix}layers.{m.group(1)}.feed_forward.experts.{e}.{m.group(2)}_proj"
+                        for e in range(self.config.num_experts)] if m else [to_hf_name(name, self.prefix, self.head).removesuffix(".weight")])
+            want = shape[1:] if m else shape
+            for module in modules:
+                got = self._module_shape(module)
+                if got is None:
+                    raise CheckpointError(f"{self.path}: missing tensor {module}.weight (or its quantized form)")
+                if tuple(got) != tuple(want):
+                    raise CheckpointError(f"{self.path}: {module} has shape {list(got)}, config implies {list(want)}")
+
+    def _module_shape(self, module: str) -> tuple[int, ...] | None:
+        if module + ".weight_shape" in self.weight_map:
+            return tuple(int(v) for v in self._raw(module + ".weight_shape").tolist())
+        for key in (module + ".weight", module):
+            if key in self.weight_map:
+                return tuple(self._handle(self.weight_map[key]).get_slice(key).get_shape())
+        return None
 
     def scheme_of(self, module: str) -> Scheme | None:
         if any(_matches(module, p) for p in self.ignore):

@@ -3,6 +3,7 @@ output directory, or a GGUF file (single or split)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -12,10 +13,10 @@ def open_any(model: str | Path):
         from ..formats.gguf_read import open_gguf
 
         return open_gguf(path)
-    from ..formats.ct_read import CompressedTensorsSource, is_compressed_tensors_dir
-
     if is_compressed_tensors_dir(path):
-        src = CompressedTensorsSource(path)
+        from ..convert.quantized_source import QuantizedSource
+
+        src = QuantizedSource(path)
         src.validate()
         return src
     from ..model.checkpoint import open_checkpoint
@@ -26,3 +27,15 @@ def open_any(model: str | Path):
 def _magic(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read(4)
+
+
+def is_compressed_tensors_dir(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        raw = json.loads(cfg.read_text())
+    except json.JSONDecodeError:
+        return False
+    qc = raw.get("quantization_config") or {}
+    return qc.get("quant_method") == "compressed-tensors"
