@@ -40,6 +40,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "seed": 0,
 }
 MAX_TEXT_BYTES = 1 << 30  # stop reading documents beyond this much text
+MAX_HELDOUT_TOKENS = 1 << 20  # cap on tokens kept aside for `convert --verify`
 MIN_WINDOW = 16
 
 
@@ -61,6 +62,7 @@ def default_recipe() -> dict[str, Any]:
 class CalibrationSet:
     tokens: torch.Tensor  # [N, T] int64
     info: dict[str, Any] = field(default_factory=dict)
+    heldout: list[int] = field(default_factory=list)  # tokens no calibration sample holds (for --verify)
 
     @property
     def num_tokens(self) -> int:
@@ -116,8 +118,23 @@ def sample_windows(docs: list[Document], encode: Callable[[Document], list[int]]
     tokens = torch.tensor([stream[k * T : (k + 1) * T] for k in picks], dtype=torch.long)
     if bos_id is not None:
         tokens[:, 0] = bos_id
-    stats = {"documents": len(docs), "documents_used": used, "stream_tokens": len(stream), "warnings": warnings}
+    stats = {"documents": len(docs), "documents_used": used, "stream_tokens": len(stream), "warnings": warnings,
+             "heldout": _heldout(docs, order[used:], encode, stream, T, set(picks), available)}
     return tokens, stats
+
+
+def _heldout(docs, unread: list[int], encode, stream: list[int], T: int, picked: set[int], available: int,
+             limit: int = MAX_HELDOUT_TOKENS) -> list[int]:
+    """Tokens that no calibration sample holds: documents the sampler never read, then unpicked windows."""
+    out: list[int] = []
+    for i in unread:
+        if len(out) >= limit:
+            return out[:limit]
+        out.extend(encode(docs[i]))
+    for k in range(available):
+        if k not in picked and len(out) < limit:
+            out.extend(stream[k * T : (k + 1) * T])
+    return out[:limit]
 
 
 def load_calibration(
@@ -172,6 +189,7 @@ def load_calibration(
 
     tokens, stats = sample_windows(docs, encode, samples, seqlen, seed, bos)
     warnings = stats.pop("warnings")
+    heldout = stats.pop("heldout")
     if truncated:
         warnings.append(f"read only the first {MAX_TEXT_BYTES >> 20} MiB of text")
     if any(d.chat for d in docs) and not chat_ok:
@@ -183,4 +201,4 @@ def load_calibration(
         chat_documents=sum(d.chat for d in docs), sampling="shuffle(seed) -> pack -> choose windows(seed); BOS first",
         warnings=warnings, **stats,
     )
-    return CalibrationSet(tokens, info)
+    return CalibrationSet(tokens, info, heldout)

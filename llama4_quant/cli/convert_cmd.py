@@ -11,6 +11,8 @@ import click
 
 from ..formats.gguf_mix import SCHEMES as GGUF_SCHEMES
 from .common import emit_json, handle_errors, progress_bar, progress_enabled
+from .eval_cmd import GATE_FAILED_EXIT
+from .verify import echo_verification, record_verification, verify_artifact, verify_options
 from .units import SizeType, human
 
 # --to FORMAT -> builder(options dict, scheme name) returning an Exporter (see convert/pipeline.py).
@@ -119,12 +121,14 @@ class _RichProgress:
               help="--to gguf: use this llama-imatrix output (GGUF format) instead of computing one "
                    "(implies --method imatrix).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@verify_options
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @handle_errors
 def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seqlen, seed, tokenizer_path, group_size,
                 targets, ignore,
                 moe_calibration, min_expert_tokens, act_order, damp, observer, device, dtype, batch_size, hessian_memory,
-                max_shard_size, split_max_size, imatrix_file, force, as_json):
+                max_shard_size, split_max_size, imatrix_file, force, verify, eval_data, verify_ctx, verify_chunks,
+                max_ppl_increase, max_kld, report_dir, as_json):
     """Quantize MODEL (a checkpoint directory or a Hub repo id) into OUT.
 
     Layers are processed one at a time: each is calibrated on the activations the already quantized layers
@@ -152,6 +156,10 @@ def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seql
                                    ("--imatrix", bool(imatrix_file))) if used]
     if gguf_only:
         raise Llama4QuantError(f"{gguf_only[0]} needs --to gguf")
+    uses_calibration = method == "gptq" or (method == "auto" and not scheme.startswith("fp8"))
+    if verify and eval_data is None and not uses_calibration:
+        raise Llama4QuantError("--verify without calibration data needs --eval-data FILE (RTN reads no calibration text)")
+    heldout: list[int] = []
     with _sigterm_as_interrupt():
         manifest, summary = run_convert(
             model, out, scheme=scheme, method=method, calib=calib, calib_samples=calib_samples,
@@ -159,10 +167,24 @@ def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seql
             ignore=ignore,
             moe_calibration=moe_calibration, min_expert_tokens=min_expert_tokens, act_order=act_order, damp=damp,
             observer=observer, device=device, dtype=dtype, batch_size=batch_size, hessian_memory=hessian_memory,
-            max_shard_size=max_shard_size, force=force)
+            max_shard_size=max_shard_size, force=force, heldout_out=heldout)
+    if verify:
+        v = verify_artifact(model, str(out), eval_data=eval_data, heldout=heldout, ctx=verify_ctx, chunks=verify_chunks,
+                            max_ppl_increase=max_ppl_increase, max_kld=max_kld, device=device, dtype=dtype,
+                            batch_size=batch_size, report_dir=report_dir, tokenizer=tokenizer_path)
+        from ..convert.safetensors_export import MANIFEST
+
+        record_verification(Path(out) / MANIFEST, v)
+        summary["verification"] = v
     if as_json:
         emit_json(summary)
-        return
+    else:
+        _echo_summary(summary)
+    if verify and not summary["verification"]["passed"]:
+        raise SystemExit(GATE_FAILED_EXIT)
+
+
+def _echo_summary(summary: dict) -> None:
     click.echo(f"wrote {summary['output']}: {summary['scheme']} via {summary['method']}, "
                f"{summary['quantized_tensors']} quantized tensors, {human(summary['total_bytes'])} in "
                f"{summary['shards']} shard(s), {summary['seconds']:.1f}s")
@@ -171,13 +193,16 @@ def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seql
         click.echo(f"tokens per expert: min {t['min']}, max {t['max']}, {t['zero_token_experts']} expert(s) with none")
     for w in summary["warnings"]:
         click.echo(f"warning: {w}", err=True)
+    if "verification" in summary:
+        echo_verification(summary["verification"])
 
 
 def run_convert(model, out, *, scheme="w4a16", method="auto", calib=None, calib_samples=128, calib_seqlen=2048,
                 seed=0, tokenizer=None, group_size=128, targets=(), ignore=(), moe_calibration="routed", min_expert_tokens=16,
                 act_order=True, damp=0.01, observer="minmax", device="auto", dtype="auto", batch_size=4,
-                hessian_memory=8 << 30, max_shard_size=2 * 10**9, force=False, progress=None):
-    """The convert command without Click: returns (manifest, summary)."""
+                hessian_memory=8 << 30, max_shard_size=2 * 10**9, force=False, progress=None, heldout_out=None):
+    """The convert command without Click: returns (manifest, summary). `heldout_out`, a list, receives the
+    calibration tokens that no sample holds (for --verify)."""
     from ..convert.pipeline import Pipeline, PipelineOptions, Selection
     from ..errors import Llama4QuantError
     from ..convert.safetensors_export import SafetensorsExporter, make_scheme, summary as make_summary
@@ -213,6 +238,8 @@ def run_convert(model, out, *, scheme="w4a16", method="auto", calib=None, calib_
         tok = load_tokenizer(tokenizer or reader.path)
         cs = load_calibration(calib, tok, calib_samples, calib_seqlen, seed)
         tokens, info = cs.tokens, cs.info
+        if heldout_out is not None:
+            heldout_out.extend(cs.heldout)
         warnings += [f"calibration: {w}" for w in info.get("warnings", [])]
     elif calib is not None:
         warnings.append(f"--method {method} uses no calibration data: --calib ignored")

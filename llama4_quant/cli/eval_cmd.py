@@ -28,8 +28,10 @@ def check_vocab(tokenizer_vocab: int, model_vocab: int, where) -> None:
 
 def run_eval(reference: str, candidates: list[str], data: str, ctx: int, n_chunks: int | None,
              tokenizer_path: str | None, device: str, dtype: str, batch_size: int,
-             max_ppl_increase: float | None, max_kld: float | None, progress: bool | None = None) -> dict:
-    """The whole check, as a dict (`--json`'s shape). Also used by `convert --verify`."""
+             max_ppl_increase: float | None, max_kld: float | None, progress: bool | None = None,
+             tokens: list[int] | None = None) -> dict:
+    """The whole check, as a dict (`--json`'s shape). Also used by `convert --verify` (with `tokens`, the
+    held-out calibration tokens, instead of a file)."""
     import torch
 
     from ..eval.compare import compare_models
@@ -44,8 +46,9 @@ def run_eval(reference: str, candidates: list[str], data: str, ctx: int, n_chunk
     dt = resolve_dtype(dtype, dev)
     tok = load_tokenizer(tokenizer_path or ref.path, bos_id=None, total_vocab=ref.config.vocab_size)
     check_vocab(tok.vocab_size, ref.config.vocab_size, tok.path)
-    text = Path(data).read_text(encoding="utf-8", errors="replace")
-    chunks = make_chunks(tok.encode(text), ctx, n_chunks, tok.bos_id)
+    if tokens is None:
+        tokens = tok.encode(Path(data).read_text(encoding="utf-8", errors="replace"))
+    chunks = make_chunks(tokens, ctx, n_chunks, tok.bos_id)
     with progress_bar(progress) as prog:
         task = prog.add_task("layers", total=ref.config.num_layers)
         ref_scores, cand_scores = compare_models(ref, cands, chunks, dev, dt, batch_size, names=list(candidates),
