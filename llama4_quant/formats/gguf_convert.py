@@ -90,7 +90,7 @@ def collect_imatrix(source, tokens: torch.Tensor, device="cpu", dtype=torch.floa
                     progress=None, include_output: bool = True) -> Imatrix:
     """One layer-wise forward pass of `source` over `tokens` [N, T], observing every Linear's input."""
     from ..model.forward import rms_norm
-    from ..model.runner import LayerwiseRunner
+    from ..model.runner import LayerwiseRunner, release
 
     cfg: Llama4Config = source.config
     runner = LayerwiseRunner(source, device, dtype, batch_size, keep_experts=False)
@@ -129,6 +129,7 @@ def collect_imatrix(source, tokens: torch.Tensor, device="cpu", dtype=torch.floa
 
             with runner.layer(i) as w:
                 runner.forward_layer(i, w, store, observer=observer)
+            release(source)
             if progress is not None:
                 progress.layer_done(i)
         if include_output and not cfg.tie_word_embeddings:
@@ -391,7 +392,10 @@ def convert_direct(source, exporter: GGUFExporter, imatrix: Imatrix | None = Non
 
 
 def _layer_done(exporter, progress, layer: int) -> None:
+    from ..model.runner import release
+
     exporter.end_layer(layer)
+    release(exporter.source)  # let the reader drop this layer's memory maps
     if progress is not None:
         progress.layer_done(layer)
 
@@ -468,6 +472,8 @@ def run_gguf_convert(model: str | Path, out: str | Path, *, scheme: str = "q4_k_
 
     has_imatrix = method in ("gptq", "imatrix")
     extra = {"llama4_quant.scheme": scheme, "llama4_quant.method": method}
+    if source is None and not Path(str(model)).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)):
+        extra["general.source.repo_url"] = f"https://huggingface.co/{model}"  # a Hub repo id
     if info:
         extra["llama4_quant.calibration.source"] = info.get("source")
         extra["llama4_quant.calibration.tokens"] = info.get("tokens")

@@ -559,6 +559,10 @@ class GGUFFileWriter:
                 self._data_start.append(start)
                 self._sizes.append(start + sizes[k])
             gw.close()
+            free = shutil.disk_usage(self.tmpdir).free
+            if free < self.total_bytes:
+                raise GGUFWriteError(f"{self.out.parent}: {free / 2**30:.1f} GiB free, the output needs "
+                                     f"{self.total_bytes / 2**30:.1f} GiB")
             for k, path in enumerate(self.files):
                 fd = os.open(path, os.O_RDWR)
                 self._fds.append(fd)
@@ -689,13 +693,8 @@ class GGUFFileWriter:
 
 
 def _reserve(fd: int, size: int) -> None:
-    """Give the file its final size; reserve the blocks where the filesystem can (fails early on a full disk)."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except (AttributeError, OSError) as e:
-        if isinstance(e, OSError) and e.errno == 28:
-            raise
-        os.ftruncate(fd, size)
+    """Give the file its final size (sparse: the data is written at offsets later)."""
+    os.ftruncate(fd, size)
 
 
 def _fsync_dir(d: Path) -> None:

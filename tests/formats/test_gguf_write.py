@@ -422,6 +422,17 @@ def test_writer_refuses_incomplete_or_wrong_data(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_full_disk_is_refused_before_writing(models, tmp_path, monkeypatch):
+    import shutil as sh
+
+    import llama4_quant.formats.gguf_write as gw
+
+    monkeypatch.setattr(gw.shutil, "disk_usage", lambda p: sh._ntuple_diskusage(10 << 30, 10 << 30, 1000))
+    with pytest.raises(Llama4QuantError, match="GiB free"):
+        run_gguf_convert(models["narrow"], tmp_path / "d.gguf", scheme="q8_0", method="rtn")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_killed_conversion_leaves_no_complete_looking_file(models, tmp_path):
     """SIGKILL in the middle of a GPTQ conversion: no OUT (nor split part) appears; the next run cleans up."""
     calib = tmp_path / "calib.txt"
