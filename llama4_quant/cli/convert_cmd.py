@@ -149,7 +149,10 @@ def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seql
                          split_max_size=split_max_size or 0, imatrix_file=imatrix_file, force=force,
                          act_order=act_order, damp=damp,
                          moe_calibration=moe_calibration, min_expert_tokens=min_expert_tokens, device=device,
-                         dtype=dtype, batch_size=batch_size, hessian_memory=hessian_memory)
+                         dtype=dtype, batch_size=batch_size, hessian_memory=hessian_memory,
+                         verify=dict(eval_data=eval_data, ctx=verify_ctx, chunks=verify_chunks,
+                                     max_ppl_increase=max_ppl_increase, max_kld=max_kld,
+                                     report_dir=report_dir) if verify else None)
         return
     gguf_only = [o for o, used in (("--scheme " + scheme, scheme in GGUF_SCHEMES),
                                    ("--method imatrix", method == "imatrix"), ("--split-max-size", bool(split_max_size)),

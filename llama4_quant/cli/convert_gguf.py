@@ -12,13 +12,25 @@ GGUF_ONLY_OPTIONS = ("split_max_size", "imatrix_file")
 
 
 def convert_gguf(model: str, out: str, *, scheme: str | None, method: str, as_json: bool, progress_cls=None,
-                 **kwargs) -> dict:
-    """Run the conversion, print the summary (text or --json), warnings on stderr; returns the summary."""
+                 verify: dict | None = None, **kwargs) -> dict:
+    """Run the conversion, print the summary (text or --json), warnings on stderr; returns the summary.
+
+    verify: convert --verify's options (eval_data, ctx, chunks, max_ppl_increase, max_kld, report_dir): the GGUF is
+    scored against MODEL by our evaluator (exit 3 when a gate fails). GGUF output needs --eval-data for it."""
+    from ..errors import Llama4QuantError
     from ..formats.gguf_convert import run_gguf_convert
 
+    if verify is not None and not verify.get("eval_data"):
+        raise Llama4QuantError("--verify with --to gguf needs --eval-data FILE")
     with progress_bar(progress_enabled()) as prog:
         progress = progress_cls(prog) if progress_cls is not None else None
         summary = run_gguf_convert(model, out, scheme=scheme or "q4_k_m", method=method, progress=progress, **kwargs)
+    if verify is not None:
+        from .verify import verify_artifact
+
+        summary["verification"] = verify_artifact(
+            model, summary["output"], heldout=[], device=kwargs.get("device", "auto"), dtype=kwargs.get("dtype", "auto"),
+            batch_size=kwargs.get("batch_size", 4), tokenizer=kwargs.get("tokenizer"), **verify)
     if as_json:
         emit_json(summary)
     else:
@@ -32,6 +44,15 @@ def convert_gguf(model: str, out: str, *, scheme: str | None, method: str, as_js
             click.echo(f"tokens per expert: min {t['min']}, max {t['max']}, {t['zero_token_experts']} expert(s) with none")
     for w in summary["warnings"]:
         click.echo(f"warning: {w}", err=True)
+    if verify is not None:
+        from .verify import echo_verification
+
+        if not as_json:
+            echo_verification(summary["verification"])
+        if not summary["verification"]["candidates"][0]["passed"]:
+            from .eval_cmd import GATE_FAILED_EXIT
+
+            raise SystemExit(GATE_FAILED_EXIT)
     return summary
 
 

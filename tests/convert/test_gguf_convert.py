@@ -101,9 +101,10 @@ def test_gptq_summary_and_metadata(runs):
 
 def test_cli_convert_to_gguf(runs, cli, tmp_path):
     out = tmp_path / "cli.gguf"
-    r = cli("convert", str(runs["model"]), str(out), "--to", "gguf", "--scheme", "q4_0", "--method", "rtn")
+    r = cli("convert", str(runs["model"]), str(out), "--to", "gguf", "--scheme", "q4_0", "--method", "rtn", "--verify",
+            "--eval-data", str(runs["model"] / "test.txt"), "--verify-ctx", "128", "--verify-chunks", "4")
     assert r.returncode == 0, r.stderr
-    assert f"wrote {out}: q4_0 via rtn" in r.stdout
+    assert f"wrote {out}: q4_0 via rtn" in r.stdout and "verify: PPL" in r.stdout and "PASS" in r.stdout
     t = {x.name: x for x in GGUFReader(out).tensors}
     assert T(int(t["blk.0.attn_q.weight"].tensor_type)) == T.Q4_0 and T(int(t["output.weight"].tensor_type)) == T.Q6_K
     r = cli("convert", str(runs["model"]), str(out), "--to", "gguf", "--scheme", "q4_0", "--method", "rtn")
