@@ -11,13 +11,13 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+
 
 from ..errors import CheckpointError
 from ..formats.compressed_tensors import read_linear_tensors
 from ..model.checkpoint import expected_shapes
 from ..model.config import load_config
-from ..model.hf_reader import HFReader, to_hf_name
+from ..model.hf_reader import open_safetensors, to_hf_name
 from ..quant.scheme import FP8Scheme, IntScheme, Scheme
 from .safetensors_export import INDEX, torch_dtype
 
@@ -69,13 +69,7 @@ class QuantizedSource:
     def _handle(self, f: str):
         h = self._files.get(f)
         if h is None:
-            fpath = self.path / f
-            try:
-                h = safe_open(str(fpath), framework="pt")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{fpath}: unreadable safetensors file ({e}); truncated or corrupt?") from None
-            HFReader._check_size(fpath, h)
-            self._files[f] = h
+            h = self._files[f] = open_safetensors(self.path / f)
         return h
 
     def release(self) -> None:

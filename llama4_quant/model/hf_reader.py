@@ -47,6 +47,23 @@ def to_hf_name(name: str, model_prefix: str = "language_model.model.", head: str
     return f"{model_prefix}layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
 
 
+def open_safetensors(fpath: Path):
+    """A lazy safetensors handle, after checking the file holds every byte its header promises (the map is
+    lazy: a truncated file would otherwise fail only when a late tensor is touched)."""
+    try:
+        handle = safe_open(str(fpath), framework="pt")
+        with open(fpath, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{fpath}: unreadable safetensors file ({e}); truncated or corrupt download?") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    size = fpath.stat().st_size
+    if size < 8 + header_len + end:
+        raise CheckpointError(f"{fpath}: truncated safetensors file ({size} bytes, header promises {8 + header_len + end})")
+    return handle
+
+
 class HFReader(CheckpointReader):
     layout = "hf"
 
@@ -90,27 +107,8 @@ class HFReader(CheckpointReader):
     def _open(self, fname: str):
         h = self._files.get(fname)
         if h is None:
-            fpath = self.path / fname
-            try:
-                h = safe_open(str(fpath), framework="pt")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{fpath}: unreadable safetensors file ({e}); truncated or corrupt download?") from None
-            self._check_size(fpath, h)
-            self._files[fname] = h
+            h = self._files[fname] = open_safetensors(self.path / fname)
         return h
-
-    @staticmethod
-    def _check_size(fpath: Path, handle) -> None:
-        # safetensors maps lazily: a truncated file would fail only when a late tensor is touched.
-        with open(fpath, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        size = fpath.stat().st_size
-        if size < 8 + header_len + end:
-            raise CheckpointError(
-                f"{fpath}: truncated safetensors file ({size} bytes, header promises {8 + header_len + end})"
-            )
 
     def close(self) -> None:
         self._files.clear()
