@@ -21,6 +21,16 @@ from .gguf_quants import QT
 GRID_TYPES = (QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 
 
+class FittedBlock:
+    """One group's grid: the `gguf_quants.BlockParams` (for packing) and its decoded per-sub-block scale/min as
+    float32 tensors on the weights' device (so GPTQ's per-column rounding never leaves the device)."""
+
+    def __init__(self, params: gq.BlockParams, device: torch.device):
+        self.params = params
+        self.scale = torch.from_numpy(np.ascontiguousarray(params.scale)).to(device)
+        self.min = torch.from_numpy(np.ascontiguousarray(params.min)).to(device)
+
+
 class BlockGrid:
     """Grid of one GGML block type for `quant.gptq.gptq` / `quant.rtn.rtn`."""
 
@@ -30,6 +40,9 @@ class BlockGrid:
             raise ValueError(f"no GPTQ grid for {qtype.name}")
         self.qtype = qtype
         self.use_importance = use_importance
+        probe = gq.block_params(np.zeros((1, gq.param_block_cols(qtype)), np.float32), qtype)
+        self._sub = probe.group_size  # columns per (scale, min): 32, or 16 for Q6_K
+        self._qmin, self._qmax = probe.qmin, probe.qmax
 
     def __repr__(self) -> str:
         return f"gguf:{self.qtype.name}"
@@ -42,19 +55,28 @@ class BlockGrid:
     def group_size(self) -> int:
         return gq.param_block_cols(self.qtype)
 
-    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> gq.BlockParams:
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> FittedBlock:
         imatrix = None
         if self.use_importance and importance is not None and self.qtype != QT.Q8_0:
             imp = importance.detach().float().cpu().clamp(min=0)
             if bool(torch.isfinite(imp).all()) and float(imp.sum()) > 0:
                 imatrix = imp.numpy()
-        return gq.block_params(w.detach().float().cpu(), self.qtype, imatrix)
+        return FittedBlock(gq.block_params(w.detach().float().cpu(), self.qtype, imatrix), w.device)
 
-    def quantize(self, w: torch.Tensor, params: gq.BlockParams, offset: int = 0) -> torch.Tensor:
-        dev = w.device
-        wc = w.detach().float().cpu()
-        codes = gq.quantize_with_params(wc, params, offset)
-        return gq.dequantize_codes(codes, params, offset).to(dev)
+    def quantize(self, w: torch.Tensor, params: FittedBlock, offset: int = 0) -> torch.Tensor:
+        """Columns `offset..` of the group onto its grid: the float32 ops of `gguf_quants.quantize_with_params`
+        + `dequantize_codes` (round half to even of (w + min) / scale, clamped; 0 where scale == 0)."""
+        k = w.shape[1]
+        g0, g1 = offset // self._sub, (offset + k - 1) // self._sub
+        if g0 == g1:
+            s, m = params.scale[:, g0:g0 + 1], params.min[:, g0:g0 + 1]
+        else:
+            idx = torch.div(torch.arange(offset, offset + k, device=w.device), self._sub, rounding_mode="floor")
+            s, m = params.scale[:, idx], params.min[:, idx]
+        v = (w.float() + m) / torch.where(s == 0, torch.ones_like(s), s)
+        q = torch.clamp(torch.round(v), self._qmin, self._qmax)
+        q = torch.where(s == 0, torch.zeros_like(q), q)
+        return s * q - m
 
 
 class FixedParams:
@@ -112,6 +134,6 @@ def pack_result(weight: torch.Tensor, params: list) -> np.ndarray:
     if params and isinstance(params[0], FixedParams):
         parts = [np.asarray(p.packed).reshape(p.values.shape[0], -1).view(np.uint8) for p in params]
         return np.ascontiguousarray(np.concatenate(parts, axis=1))
-    p = gq.concat_params(params)
+    p = gq.concat_params([x.params if isinstance(x, FittedBlock) else x for x in params])
     codes = gq.quantize_with_params(weight.detach().float().cpu(), p)
     return gq.pack(codes, p)
