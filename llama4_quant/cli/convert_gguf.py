@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from .common import emit_json, progress_bar, progress_enabled
@@ -20,17 +22,23 @@ def convert_gguf(model: str, out: str, *, scheme: str | None, method: str, as_js
     from ..errors import Llama4QuantError
     from ..formats.gguf_convert import run_gguf_convert
 
-    if verify is not None and not verify.get("eval_data"):
-        raise Llama4QuantError("--verify with --to gguf needs --eval-data FILE")
+    reads_no_calibration = method == "rtn" or (method == "imatrix" and kwargs.get("imatrix_file"))
+    if verify is not None and not verify.get("eval_data") and reads_no_calibration:
+        raise Llama4QuantError("--verify without calibration data needs --eval-data FILE")
+    heldout: list[int] = []
     with progress_bar(progress_enabled()) as prog:
         progress = progress_cls(prog) if progress_cls is not None else None
-        summary = run_gguf_convert(model, out, scheme=scheme or "q4_k_m", method=method, progress=progress, **kwargs)
+        summary = run_gguf_convert(model, out, scheme=scheme or "q4_k_m", method=method, progress=progress,
+                                   heldout_out=heldout, **kwargs)
+    sidecar = write_sidecar(summary)
     if verify is not None:
-        from .verify import verify_artifact
+        from .verify import record_verification, verify_artifact
 
         summary["verification"] = verify_artifact(
-            model, summary["output"], heldout=[], device=kwargs.get("device", "auto"), dtype=kwargs.get("dtype", "auto"),
-            batch_size=kwargs.get("batch_size", 4), tokenizer=kwargs.get("tokenizer"), **verify)
+            model, summary["output"], heldout=heldout, device=kwargs.get("device", "auto"),
+            dtype=kwargs.get("dtype", "auto"), batch_size=kwargs.get("batch_size", 4), tokenizer=kwargs.get("tokenizer"),
+            **verify)
+        record_verification(sidecar, summary["verification"])
     if as_json:
         emit_json(summary)
     else:
@@ -54,6 +62,25 @@ def convert_gguf(model: str, out: str, *, scheme: str | None, method: str, as_js
 
             raise SystemExit(GATE_FAILED_EXIT)
     return summary
+
+
+MANIFEST_SUFFIX = ".llama4-quant.json"
+
+
+def write_sidecar(summary: dict) -> Path:
+    """`OUT.gguf.llama4-quant.json` beside the GGUF: the run's summary, tool version and the sha256 of every file
+    (the GGUF itself carries its provenance as llama4_quant.* metadata). Written after the GGUF is complete."""
+    from .. import __version__
+    from ..convert.safetensors_export import sha256_of
+    from .verify import write_json_atomic
+
+    first = Path(summary["files"][0])
+    manifest = {"tool": "llama4-quant", "version": __version__, **summary,
+                "sha256": {Path(f).name: sha256_of(Path(f)) for f in summary["files"]}}
+    path = first.with_name(first.name + MANIFEST_SUFFIX)
+    write_json_atomic(path, manifest)
+    summary["manifest"] = str(path)
+    return path
 
 
 def inspect_gguf(path: str, as_json: bool) -> dict:

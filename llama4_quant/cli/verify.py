@@ -55,14 +55,18 @@ def verify_artifact(model: str, artifact: str, *, eval_data: str | None, heldout
     return _public(result)
 
 
+def write_json_atomic(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
 def record_verification(manifest_path: Path, verification: dict) -> None:
     """Add the verification result to a JSON manifest, atomically."""
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest["verification"] = verification
-    fd, tmp = tempfile.mkstemp(dir=manifest_path.parent, prefix=f".{manifest_path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2, default=str)
-    os.replace(tmp, manifest_path)
+    write_json_atomic(manifest_path, manifest)
 
 
 def echo_verification(v: dict) -> None:

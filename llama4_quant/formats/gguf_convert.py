@@ -421,8 +421,9 @@ def run_gguf_convert(model: str | Path, out: str | Path, *, scheme: str = "q4_k_
                      moe_calibration: str = "routed", min_expert_tokens: int = 16, device: str = "auto",
                      dtype: str = "auto", batch_size: int = 4, hessian_memory: int = 8 << 30, progress=None,
                      source=None, name: str | None = None, imatrix_file: str | Path | None = None,
-                     tokenizer: str | Path | None = None) -> dict[str, Any]:
-    """`convert MODEL OUT --to gguf` without Click; returns the summary dict (see docs/gguf.md)."""
+                     tokenizer: str | Path | None = None, heldout_out: list[int] | None = None) -> dict[str, Any]:
+    """`convert MODEL OUT --to gguf` without Click; returns the summary dict (see docs/gguf.md).
+    `heldout_out`, a list, receives the calibration tokens no sample holds (for --verify)."""
     from ..model.runner import resolve_device, resolve_dtype
 
     if scheme not in SCHEMES:
@@ -458,6 +459,8 @@ def run_gguf_convert(model: str | Path, out: str | Path, *, scheme: str = "q4_k_
             tok = load_tokenizer(tokenizer or reader.path, total_vocab=cfg.vocab_size)
             cs = load_calibration(calib, tok, calib_samples, calib_seqlen, seed)
             tokens, info = cs.tokens, cs.info
+            if heldout_out is not None:
+                heldout_out.extend(cs.heldout)
             warnings += [f"calibration: {w}" for w in info.get("warnings", [])]
             if method == "auto":
                 method = "gptq"

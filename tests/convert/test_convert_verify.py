@@ -34,3 +34,20 @@ def test_verify_without_heldout_is_clear(trained_model, tmp_path, cli):
     proc = cli("convert", str(trained_model), str(tmp_path / "o"), "--method", "rtn", "--verify", "--verify-ctx", "128")
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "--eval-data" in proc.stderr
+
+
+def test_gguf_verify_on_heldout_recorded_in_sidecar(trained_model, tmp_path, cli):
+    out = tmp_path / "m.gguf"
+    proc = cli("convert", str(trained_model), str(out), "--to", "gguf", "--scheme", "q8_0", "--method", "imatrix",
+               "--calib", str(trained_model / "calib.txt"), "--calib-samples", "4", "--calib-seqlen", "128",
+               "--verify", "--verify-ctx", "128", "--verify-chunks", "4", "--max-kld", "0.05", "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    sidecar = tmp_path / "m.gguf.llama4-quant.json"
+    assert summary["manifest"] == str(sidecar)
+    manifest = json.loads(sidecar.read_text())
+    import hashlib
+
+    assert manifest["sha256"]["m.gguf"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    v = manifest["verification"]
+    assert v["passed"] and "held-out" in v["data"] and v["candidates"][0]["kld_mean"] < 0.05
