@@ -9,11 +9,11 @@ importable), preferring files whose path says "train"; more than `MAX_FILES` of 
 from __future__ import annotations
 
 import glob
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..fsutil import sha256_file
 from .documents import CalibrationError, pyarrow_available
 
 MAX_FILES = 8
@@ -192,12 +192,6 @@ def _record_ref(snapshot: Path, revision: str, commit: str) -> None:
         pass
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _verify(fetched: FetchedDataset, expected: dict[str, str] | None) -> None:

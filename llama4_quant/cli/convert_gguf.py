@@ -71,12 +71,11 @@ def write_sidecar(summary: dict) -> Path:
     """`OUT.gguf.llama4-quant.json` beside the GGUF: the run's summary, tool version and the sha256 of every file
     (the GGUF itself carries its provenance as llama4_quant.* metadata). Written after the GGUF is complete."""
     from .. import __version__
-    from ..convert.safetensors_export import sha256_of
-    from .verify import write_json_atomic
+    from ..fsutil import sha256_file, write_json_atomic
 
     first = Path(summary["files"][0])
     manifest = {"tool": "llama4-quant", "version": __version__, **summary,
-                "sha256": {Path(f).name: sha256_of(Path(f)) for f in summary["files"]}}
+                "sha256": {Path(f).name: sha256_file(Path(f)) for f in summary["files"]}}
     path = first.with_name(first.name + MANIFEST_SUFFIX)
     write_json_atomic(path, manifest)
     summary["manifest"] = str(path)

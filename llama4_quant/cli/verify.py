@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import click
 
 from ..errors import Llama4QuantError
+from ..fsutil import write_json_atomic
 
 
 def verify_options(fn):
@@ -53,13 +52,6 @@ def verify_artifact(model: str, artifact: str, *, eval_data: str | None, heldout
     if report_dir:
         result["report"] = {k: str(v) for k, v in write_report(result, Path(report_dir)).items()}
     return _public(result)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def record_verification(manifest_path: Path, verification: dict) -> None:

@@ -19,7 +19,6 @@ directory; one killed outright leaves it behind under the .tmp- name, and the ne
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..fsutil import pid_alive, sha256_file
 from ..errors import Llama4QuantError
 from ..formats import compressed_tensors as fmt
 from ..model.checkpoint import CheckpointReader
@@ -178,22 +178,6 @@ class ShardedWriter:
         return weight_map
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def clean_stale_temps(out: Path) -> list[Path]:
@@ -203,7 +187,7 @@ def clean_stale_temps(out: Path) -> list[Path]:
         return removed
     for p in out.parent.glob(out.name + ".tmp-*"):
         m = re.match(re.escape(out.name) + r"\.tmp-(\d+)-[0-9a-f]+$", p.name)
-        if m and p.is_dir() and not _pid_alive(int(m.group(1))):
+        if m and p.is_dir() and not pid_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
@@ -387,7 +371,7 @@ class SafetensorsExporter:
         copied = self._copy_side_files()
         files = {}
         for p in sorted(self.tmp.iterdir()):
-            files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+            files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         manifest = self._manifest(report, config, files, copied, weight_map)
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         self._publish()
@@ -415,8 +399,8 @@ class SafetensorsExporter:
             "format": "compressed-tensors",
             "source": {
                 "path": self.source_label or str(src), "layout": getattr(self.source, "layout", "?"),
-                "config_sha256": sha256_of(src_cfg) if src_cfg.exists() else None,
-                "index_sha256": sha256_of(src / INDEX) if (src / INDEX).exists() else None,
+                "config_sha256": sha256_file(src_cfg) if src_cfg.exists() else None,
+                "index_sha256": sha256_file(src / INDEX) if (src / INDEX).exists() else None,
             },
             "scheme": {"name": self.scheme_name, "repr": repr(self.scheme),
                        "quantization_config": config["quantization_config"]},

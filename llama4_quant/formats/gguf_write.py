@@ -37,7 +37,8 @@ from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, SHARD_NAME_FORMAT, GGMLQu
 from gguf import GGUFReader, GGUFWriter, TokenType
 
 from ..errors import Llama4QuantError
-from ..model.config import Llama4Config, rope_freq_factors
+from ..fsutil import pid_alive
+from ..model.config import Llama4Config
 from .gguf_mix import FILE_TYPE, ROPE_FREQS, gguf_name, tensor_type, type_bytes
 
 ARCH = "llama4"
@@ -447,16 +448,6 @@ def existing_outputs(out: Path) -> list[Path]:
     return sorted(found)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _clean_stale_partials(out: Path) -> None:
     prefix = f".{out.name}.partial-"
     if not out.parent.is_dir():
@@ -467,7 +458,7 @@ def _clean_stale_partials(out: Path) -> None:
                 pid = int(p.name[len(prefix):].split("-")[0])
             except ValueError:
                 continue
-            if pid != os.getpid() and not _pid_alive(pid):
+            if pid != os.getpid() and not pid_alive(pid):
                 shutil.rmtree(p, ignore_errors=True)
 
 

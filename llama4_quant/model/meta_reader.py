@@ -148,7 +148,7 @@ class MetaReader(CheckpointReader):
             t = self._combine(key, how)
             return t.t().contiguous() if name.endswith("router") else t.contiguous()
         if how == "qkv":
-            hd, S = cfg.head_dim, self.n
+            S = self.n
             sizes = [cfg.q_dim // S, cfg.kv_dim // S, cfg.kv_dim // S]
             which = {"wq": 0, "wk": 1, "wv": 2}[name.rsplit(".", 1)[1]]
             return torch.cat([s[key].split(sizes, dim=0)[which] for s in self.shards], dim=0).contiguous()

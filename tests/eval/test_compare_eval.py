@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from llama4_quant.testing.checkpoints import random_tensor_fn, text_config, write_hf_checkpoint
+from llama4_quant.testing.checkpoints import random_tensor_fn, write_hf_checkpoint
 
 
 @pytest.fixture(scope="module")

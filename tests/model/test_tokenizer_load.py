@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 from llama4_quant.model.tokenizer import load_tokenizer
 from llama4_quant.testing.checkpoints import write_meta_checkpoint
