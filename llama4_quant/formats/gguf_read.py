@@ -146,8 +146,8 @@ class GGUFSource:
         t, _ = self.tensors[gname]
         qtype = T(int(t.tensor_type))
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        if qtype in (T.F32, T.F16):
-            return np.asarray(t.data, dtype=np.float32).reshape(shape)
+        if qtype in (T.F32, T.F16):  # copy: the reader's arrays are read-only memory maps
+            return np.array(t.data, dtype=np.float32).reshape(shape)
         return np.asarray(dequantize(t.data, qtype), dtype=np.float32).reshape(shape)
 
     def read(self, name: str) -> torch.Tensor:
@@ -164,7 +164,7 @@ class GGUFSource:
         qtype = T(int(t.tensor_type))
         slab = t.data[e]  # data is [E, rows, bytes_per_row] (or [E, rows, cols] for float types)
         if qtype in (T.F32, T.F16):
-            arr = np.asarray(slab, dtype=np.float32)
+            arr = np.array(slab, dtype=np.float32)
         else:
             arr = np.asarray(dequantize(slab, qtype), dtype=np.float32)
         return torch.from_numpy(arr)
