@@ -62,9 +62,12 @@ def _plots(result: dict, out: Path) -> dict[str, str]:
     cands = result["candidates"]
     if cands:
         fig, ax = plt.subplots(figsize=(7, 3.6))
-        for c in cands:
-            ax.plot(range(len(c["layer_error"])), c["layer_error"], marker="o", label=f"{_short(c['path'])} (layer alone)")
-            ax.plot(range(len(c["stream_error"])), c["stream_error"], linestyle="--", label=f"{_short(c['path'])} (accumulated)")
+        for k, c in enumerate(cands):
+            color = f"C{k}"
+            ax.plot(range(len(c["layer_error"])), c["layer_error"], marker="o", color=color,
+                    label=f"{_short(c['path'])}: layer alone (reference input)")
+            ax.plot(range(len(c["stream_error"])), c["stream_error"], linestyle="--", color=color,
+                    label=f"{_short(c['path'])}: accumulated (own hidden states)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         files["layer_error"] = _save(fig, ax, out, "layer_error", "Per-layer error vs reference", "decoder layer",
                                      "relative output error")
