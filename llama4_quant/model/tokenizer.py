@@ -46,7 +46,7 @@ def tiktoken_to_tokenizers(path: Path, total_vocab: int | None = None) -> Tokeni
 
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
-    from ..testing.tokenizer import LLAMA4_SPECIAL_TOKENS, LLAMA4_SPLIT_PATTERN, bytes_to_unicode
+    from .vocab import LLAMA4_SPECIAL_TOKENS, LLAMA4_SPLIT_PATTERN, bytes_to_unicode
 
     ranks: dict[bytes, int] = {}
     for line in path.read_text(encoding="ascii").splitlines():
