@@ -54,7 +54,7 @@ def describe_model(model: str, context: int, gpu_mem: int | None) -> dict:
         "source": source,
         "architecture": arch,
         "params": param_counts(cfg, vision),
-        "memory": memory_table(cfg, context, gpu_mem, vision=0),
+        "memory": memory_table(cfg, context, gpu_mem),
         "context": context,
         "gpu_mem_bytes": gpu_mem,
     }

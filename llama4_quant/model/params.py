@@ -66,7 +66,9 @@ def _st_bytes(scheme: str, shape: tuple[int, ...]) -> float:
 ST_SCHEMES = ("w4a16", "w4a16-asym", "w8a16", "fp8-dynamic", "fp8-block")
 
 
-def weights_bytes(cfg: Llama4Config, scheme: str, vision: int = 0) -> int:
+def weights_bytes(cfg: Llama4Config, scheme: str) -> int:
+    """Bytes of the text tower's weights under `scheme` (the vision tower is passed through in bf16 and
+    reported separately by `inspect`)."""
     total = 0.0
     for name, shape in expected_shapes(cfg).items():
         if scheme == "bf16":
@@ -75,22 +77,20 @@ def weights_bytes(cfg: Llama4Config, scheme: str, vision: int = 0) -> int:
             total += _st_bytes(scheme, shape) if component(name) in _QUANT_TARGETS else _numel(shape) * 2
         else:
             total += type_bytes(tensor_type(scheme, name, cfg.num_layers, shape[-1]), _numel(shape))
-    return int(total) + vision * 2  # vision tower always bf16 (passed through)
+    return int(total)
 
 
 def kv_cache_bytes(cfg: Llama4Config, context: int, bytes_per_elem: int = 2) -> int:
     return 2 * cfg.num_kv_heads * cfg.head_dim * bytes_per_elem * cfg.num_layers * context
 
 
-def memory_table(cfg: Llama4Config, context: int, gpu_mem: int | None, vision: int = 0) -> dict[str, dict]:
+def memory_table(cfg: Llama4Config, context: int, gpu_mem: int | None) -> dict[str, dict]:
     kv = kv_cache_bytes(cfg, context)
     table = {}
     for scheme in ("bf16", *ST_SCHEMES, *[s for s in GGUF_SCHEMES if s not in ("bf16",)]):
         key = scheme if scheme in ("bf16", *ST_SCHEMES) else f"gguf-{scheme}"
         w = weights_bytes(cfg, scheme)
         row = {"weights_bytes": w, "kv_cache_bytes": kv, "total_bytes": w + kv}
-        if vision:
-            row["vision_bytes"] = vision * 2
         row["fits"] = None if gpu_mem is None else (w + kv) <= gpu_mem
         table[key] = row
     return table
