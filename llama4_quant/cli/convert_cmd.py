@@ -141,7 +141,13 @@ def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seql
 
         from .convert_gguf import convert_gguf
 
-        default_scheme = click.get_current_context().get_parameter_source("scheme") == ParameterSource.DEFAULT
+        ctx = click.get_current_context()
+        default_scheme = ctx.get_parameter_source("scheme") == ParameterSource.DEFAULT
+        st_only = [f"--{n.replace('_', '-')}" for n in ("targets", "ignore", "group_size", "observer", "max_shard_size")
+                   if ctx.get_parameter_source(n) != ParameterSource.DEFAULT]
+        if st_only:
+            raise Llama4QuantError(f"{st_only[0]} applies to --to safetensors only (GGUF mixes choose per-tensor "
+                                   "types by the scheme, see docs/gguf.md)")
         with _sigterm_as_interrupt():
             convert_gguf(model, out, scheme=None if default_scheme else scheme, method=method, as_json=as_json,
                          progress_cls=_RichProgress, calib=calib, calib_samples=calib_samples,

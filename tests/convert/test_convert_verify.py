@@ -51,3 +51,8 @@ def test_gguf_verify_on_heldout_recorded_in_sidecar(trained_model, tmp_path, cli
     assert manifest["sha256"]["m.gguf"] == hashlib.sha256(out.read_bytes()).hexdigest()
     v = manifest["verification"]
     assert v["passed"] and "held-out" in v["data"] and v["candidates"][0]["kld_mean"] < 0.05
+
+
+def test_safetensors_only_options_rejected_for_gguf(tmp_path, cli):
+    proc = cli("convert", str(tmp_path / "m"), str(tmp_path / "o.gguf"), "--to", "gguf", "--targets", "attn")
+    assert proc.returncode == 1 and "--targets applies to --to safetensors only" in proc.stderr
