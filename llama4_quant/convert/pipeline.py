@@ -439,13 +439,19 @@ class Pipeline:
         accs: dict[str, HessianAccumulator] = {}
         if store is not None and targets and self.opt.method == "gptq":
             accs = observe(i, w, store, {_OBSERVED_BY[n] for n in targets})
+        self._quantize_group(i, w, locals_, grids, by_name, accs, calibrate=store is not None)
+
+    def _quantize_group(self, i, w, locals_: list[str], grids, by_name, accs, calibrate: bool) -> None:
+        """Write each of a layer's non-expert tensors, quantized with its Hessian when it has a grid; when
+        calibrating, the quantized weight replaces the original for the next layers' activations."""
+        p = f"layers.{i}."
         for n in locals_:
             spec, grid = by_name[p + n], grids.get(p + n)
             if grid is None:
                 self.exporter.write_tensor(spec, self.source.read(p + n))
                 continue
             result = self._quantize(spec, spec.name, w.get(n), grid, accs.get(_OBSERVED_BY[n]))
-            if store is not None:
+            if calibrate:
                 w.set(n, self._emit(spec, None, result, grid, runtime=True))
             else:
                 self._emit(spec, None, result, grid)
@@ -478,17 +484,7 @@ class Pipeline:
             accs = self._observe(store, pass1, wanted, {"shared.in": H, "shared.down": I})
         else:
             accs = {}
-        for n in shared:
-            spec, grid = by_name[p + n], grids.get(p + n)
-            if grid is None:
-                self.exporter.write_tensor(spec, self.source.read(p + n))
-                continue
-            result = self._quantize(spec, spec.name, w.get(n), grid, accs.get(_OBSERVED_BY[n]))
-            if calibrate:
-                w.set(n, self._emit(spec, None, result, grid, runtime=True))
-            else:
-                self._emit(spec, None, result, grid)
-        accs.clear()
+        self._quantize_group(i, w, shared, grids, by_name, accs, calibrate)
         if calibrate:
             info["tokens_per_expert"] = counts.tolist()
             info["zero_token_experts"] = [e for e in range(E) if counts[e] == 0]
