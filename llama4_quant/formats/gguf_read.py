@@ -19,6 +19,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from ..errors import CheckpointError
+from ..model.checkpoint import CheckpointReader
 from ..model.config import Llama4Config
 from .gguf_mix import gguf_name
 
@@ -59,6 +60,13 @@ def _open_reader(f: Path) -> GGUFReader:
         raise CheckpointError(f"{f}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); truncated or corrupt?") from None
 
 
+def _decode(data: np.ndarray, qtype: T) -> np.ndarray:
+    """float32 values of GGUF tensor data (a copy: the reader's arrays are read-only memory maps)."""
+    if qtype in (T.F32, T.F16):
+        return np.array(data, dtype=np.float32)
+    return np.asarray(dequantize(data, qtype), dtype=np.float32)
+
+
 def _field(reader: GGUFReader, key: str, default=None):
     f = reader.fields.get(key)
     if f is None:
@@ -66,7 +74,7 @@ def _field(reader: GGUFReader, key: str, default=None):
     return f.contents()
 
 
-class GGUFSource:
+class GGUFSource(CheckpointReader):
     """WeightSource over a llama4 GGUF: canonical names, dequantized to float32 on read."""
 
     layout = "gguf"
@@ -108,7 +116,8 @@ class GGUFSource:
         rope_layers = tuple(True if no_rope else (i + 1) % LLAMACPP_NOPE_INTERVAL != 0 for i in range(n))
         factors = None
         if "rope_freqs.weight" in self.tensors:
-            factors = tuple(float(x) for x in self._array("rope_freqs.weight").reshape(-1))
+            t = self.tensors["rope_freqs.weight"][0]
+            factors = tuple(float(x) for x in _decode(t.data, T(int(t.tensor_type))).reshape(-1))
         return Llama4Config(
             vocab_size=int(vocab),
             hidden_size=hidden,
@@ -139,35 +148,30 @@ class GGUFSource:
             source_format="gguf",
         )
 
-    # -- tensors ----------------------------------------------------------------------
-    def _array(self, gname: str) -> np.ndarray:
-        if gname not in self.tensors:
-            raise CheckpointError(f"{self.path}: GGUF has no tensor {gname}")
-        t, _ = self.tensors[gname]
-        qtype = T(int(t.tensor_type))
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        if qtype in (T.F32, T.F16):  # copy: the reader's arrays are read-only memory maps
-            return np.array(t.data, dtype=np.float32).reshape(shape)
-        return np.asarray(dequantize(t.data, qtype), dtype=np.float32).reshape(shape)
+    # -- tensors (CheckpointReader interface: read()/read_expert() add the NaN/inf check) ---------------
+    def _tensor(self, name: str):
+        g = gguf_name(name)
+        if g not in self.tensors:
+            raise CheckpointError(f"{self.path}: GGUF has no tensor {g}")
+        return self.tensors[g][0]
 
-    def read(self, name: str) -> torch.Tensor:
-        if name == "output" and self.config.tie_word_embeddings:
-            name = "tok_embeddings"
-        out = torch.from_numpy(self._array(gguf_name(name)))
-        if not bool(torch.isfinite(out).all()):
-            raise CheckpointError(f"{self.path}: tensor {gguf_name(name)} decodes to NaN/inf")
-        return out
+    def _has(self, name: str) -> bool:
+        return gguf_name(name) in self.tensors
 
-    def read_expert(self, layer: int, kind: str, e: int) -> torch.Tensor:
-        gname = gguf_name(f"layers.{layer}.experts.{kind}")
-        t, _ = self.tensors[gname]
-        qtype = T(int(t.tensor_type))
-        slab = t.data[e]  # data is [E, rows, bytes_per_row] (or [E, rows, cols] for float types)
-        if qtype in (T.F32, T.F16):
-            arr = np.array(slab, dtype=np.float32)
-        else:
-            arr = np.asarray(dequantize(slab, qtype), dtype=np.float32)
-        return torch.from_numpy(arr)
+    def _shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in reversed(self._tensor(name).shape.tolist()))
+
+    def describe(self, name: str) -> str:
+        return gguf_name(name)
+
+    def _read(self, name: str) -> torch.Tensor:
+        t = self._tensor(name)
+        return torch.from_numpy(_decode(t.data, T(int(t.tensor_type))).reshape(self._shape(name)))
+
+    def _read_expert(self, layer: int, kind: str, e: int) -> torch.Tensor:
+        t = self._tensor(f"layers.{layer}.experts.{kind}")
+        # data is [E, rows, bytes_per_row] (or [E, rows, cols] for float types)
+        return torch.from_numpy(_decode(t.data[e], T(int(t.tensor_type))))
 
     def tensor_infos(self) -> list[GGUFTensorInfo]:
         return [
@@ -176,29 +180,9 @@ class GGUFSource:
             for name, (t, f) in self.tensors.items()
         ]
 
-    def validate(self) -> None:
-        from ..model.checkpoint import expected_shapes
-
-        for name, shape in expected_shapes(self.config).items():
-            if name == "output" and self.config.tie_word_embeddings:
-                continue
-            g = gguf_name(name)
-            if g not in self.tensors:
-                raise CheckpointError(f"{self.path}: GGUF lacks tensor {g}")
-            t, _ = self.tensors[g]
-            got = tuple(int(x) for x in reversed(t.shape.tolist()))
-            if got != shape:
-                raise CheckpointError(f"{self.path}: GGUF tensor {g} has shape {list(got)}, expected {list(shape)}")
-
     def close(self) -> None:
         self.readers = []
         self.tensors = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def open_gguf(path: str | Path, validate: bool = True) -> GGUFSource:
