@@ -48,7 +48,7 @@ class SyntheticScout:
 
     def __init__(self, experts: int, vocab: int = 4096):
         from llama4_quant.model.config import from_hf_dict
-        from llama4_quant.testing.checkpoints import hf_config, text_config
+        from llama4_quant.tiny.checkpoints import hf_config, text_config
 
         tc = text_config("scout", vocab_size=vocab, hidden_size=5120, intermediate_size=8192,
                          intermediate_size_mlp=16384, num_hidden_layers=1, num_attention_heads=40,
@@ -66,7 +66,7 @@ class SyntheticScout:
         return (torch.randn(shape, generator=g) * scale).bfloat16()
 
     def read(self, name: str):
-        from llama4_quant.model.checkpoint import expected_shapes
+        from llama4_quant.model.tensors import expected_shapes
 
         return self._make(name, expected_shapes(self.config)[name])
 
@@ -122,7 +122,7 @@ def worker(args) -> None:
     import torch
 
     from llama4_quant.convert.pipeline import Pipeline, PipelineOptions, Progress
-    from llama4_quant.convert.safetensors_export import make_scheme
+    from llama4_quant.quant.scheme import make_scheme
 
     torch.set_num_threads(args.threads)
     scheme_name, method = METHODS[args.method]
@@ -130,7 +130,7 @@ def worker(args) -> None:
         from llama4_quant.calibration.dataset import load_calibration
         from llama4_quant.model.checkpoint import open_checkpoint
         from llama4_quant.model.tokenizer import load_tokenizer
-        from llama4_quant.testing.trained import trained_checkpoint
+        from llama4_quant.tiny.trained import trained_checkpoint
 
         src = open_checkpoint(trained_checkpoint())
         tokens = load_calibration(str(src.path / "calib.txt"), load_tokenizer(src.path), args.samples, args.seqlen).tokens

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llama4_quant.testing.checkpoints import text_config, write_hf_checkpoint, write_meta_checkpoint
+from llama4_quant.tiny.checkpoints import text_config, write_hf_checkpoint, write_meta_checkpoint
 
 VARIANTS = ("scout", "maverick", "chunked")
 
@@ -30,7 +30,7 @@ def tiny_checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
 @pytest.fixture(scope="session")
 def trained_model() -> Path:
     """The tiny trained checkpoint (cached across runs under ~/.cache/llama4-quant)."""
-    from llama4_quant.testing.trained import trained_checkpoint
+    from llama4_quant.tiny.trained import trained_checkpoint
 
     return trained_checkpoint()
 
@@ -50,8 +50,8 @@ def cli():
 @pytest.fixture(scope="session")
 def tiny_with_tokenizer(tmp_path_factory) -> tuple[Path, Path]:
     """(checkpoint dir with tokenizer files, text file): random tiny Scout-like model, real tokenizer."""
-    from llama4_quant.testing.corpus import corpus_splits
-    from llama4_quant.testing.tokenizer import build_tokenizer, save_tokenizer_files, tokenizer_info
+    from llama4_quant.tiny.corpus import corpus_splits
+    from llama4_quant.tiny.tokenizer import build_tokenizer, save_tokenizer_files, tokenizer_info
 
     root = tmp_path_factory.mktemp("tok")
     splits = corpus_splits(0)

@@ -53,7 +53,7 @@ def demo_cmd(out, skip_gguf, as_json):
     """Build a tiny trained Llama 4 checkpoint (cached after the first run), quantize it with GPTQ to
     int4 safetensors (compressed-tensors) and to a q4_k_m GGUF, verify both against the original by
     perplexity and KL divergence, and write the report. Offline, CPU, a few minutes."""
-    from ..testing.trained import trained_checkpoint
+    from ..tiny.trained import trained_checkpoint
 
     quiet = as_json
     t0 = time.time()

@@ -6,80 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import Llama4QuantError
 from .common import emit_json, handle_errors, progress_bar
-
-GATE_FAILED_EXIT = 3
-
-
-def _resolve(model: str) -> Path:
-    from ..hub.download import resolve_model
-
-    return Path(resolve_model(model))
-
-
-def check_vocab(tokenizer_vocab: int, model_vocab: int, where) -> None:
-    if tokenizer_vocab > model_vocab:
-        raise Llama4QuantError(
-            f"tokenizer {where} has {tokenizer_vocab} tokens but the model's vocabulary is {model_vocab}:"
-            " they do not belong together"
-        )
-
-
-def run_eval(reference: str, candidates: list[str], data: str, ctx: int, n_chunks: int | None,
-             tokenizer_path: str | None, device: str, dtype: str, batch_size: int,
-             max_ppl_increase: float | None, max_kld: float | None, progress: bool | None = None,
-             tokens: list[int] | None = None) -> dict:
-    """The whole check, as a dict (`--json`'s shape). Also used by `convert --verify` (with `tokens`, the
-    held-out calibration tokens, instead of a file)."""
-    import torch
-
-    from ..eval.compare import compare_models
-    from ..eval.perplexity import make_chunks
-    from ..eval.sources import open_any
-    from ..model.runner import resolve_device, resolve_dtype
-    from ..model.tokenizer import load_tokenizer
-
-    ref = open_any(_resolve(reference))
-    cands = [open_any(Path(c)) for c in candidates]
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    tok = load_tokenizer(tokenizer_path or ref.path, bos_id=None, total_vocab=ref.config.vocab_size)
-    check_vocab(tok.vocab_size, ref.config.vocab_size, tok.path)
-    if tokens is None:
-        tokens = tok.encode(Path(data).read_text(encoding="utf-8", errors="replace"))
-    chunks = make_chunks(tokens, ctx, n_chunks, tok.bos_id)
-    with progress_bar(progress) as prog:
-        task = prog.add_task("layers", total=ref.config.num_layers)
-        ref_scores, cand_scores = compare_models(ref, cands, chunks, dev, dt, batch_size, names=list(candidates),
-                                                 on_layer=lambda i: prog.advance(task))
-    result = {"reference": {**ref_scores.summary(), "path": str(reference), "ctx": ctx,
-                            "per_chunk_ppl": ref_scores.scores.per_chunk_ppl(), "running_ppl": ref_scores.scores.running_ppl()},
-              "candidates": [], "data": str(data),
-              "thresholds": {"max_ppl_increase_pct": max_ppl_increase, "max_kld": max_kld}}
-    all_ok = True
-    for c in cand_scores:
-        s = c.summary(ref_scores)
-        s["per_chunk_ppl"] = c.scores.per_chunk_ppl()
-        s["kld_values"] = torch.cat(c.kld).tolist() if c.kld else []
-        failures = []
-        if max_ppl_increase is not None and s["ppl_increase_pct"] > max_ppl_increase:
-            failures.append(f"ppl +{s['ppl_increase_pct']:.2f}% > {max_ppl_increase}%")
-        if max_kld is not None and s["kld_mean"] > max_kld:
-            failures.append(f"KLD {s['kld_mean']:.5f} > {max_kld}")
-        s["passed"] = not failures
-        s["failures"] = failures
-        all_ok &= not failures
-        result["candidates"].append(s)
-    result["passed"] = all_ok
-    return result
-
-
-def _public(result: dict) -> dict:
-    """--json output: drop the bulky per-position arrays (they go to report.json)."""
-    out = {**result, "candidates": [{k: v for k, v in c.items() if k != "kld_values"} for c in result["candidates"]]}
-    return out
-
 
 @click.command("eval")
 @click.argument("reference")
@@ -105,14 +32,17 @@ def eval_cmd(reference, candidates, data, ctx, n_chunks, max_ppl_increase, max_k
     produced, read back from disk and decoded as its runtime decodes it): perplexity increase, mean and
     99th-percentile KL divergence from the reference, top-1 agreement and per-layer error.
     Exit code 3 when a candidate exceeds --max-ppl-increase or --max-kld."""
-    result = run_eval(reference, list(candidates), data, ctx, n_chunks, tokenizer_path, device, dtype, batch_size,
-                      max_ppl_increase, max_kld)
+    from ..eval.run import GATE_FAILED_EXIT, public, run_eval
+
+    with progress_bar() as prog:
+        result = run_eval(reference, list(candidates), data, ctx, n_chunks, tokenizer_path, device, dtype, batch_size,
+                          max_ppl_increase, max_kld, progress=prog)
     if report_dir:
         from ..eval.report import write_report
 
         result["report"] = {k: str(v) for k, v in write_report(result, Path(report_dir)).items()}
     if as_json:
-        emit_json(_public(result))
+        emit_json(public(result))
     else:
         r = result["reference"]
         click.echo(f"{reference}: PPL = {r['perplexity']:.4f}  (mean nll {r['nll']:.5f}, {r['tokens']} tokens, {r['chunks']} chunks of {ctx})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import click
 
@@ -11,7 +12,8 @@ from .units import SizeType, human
 
 def describe_model(model: str, context: int, gpu_mem: int | None) -> dict:
     from ..model.config import from_hf_dict
-    from ..model.params import memory_table, param_counts
+    from ..convert.sizes import memory_table
+    from ..model.params import param_counts
     from ..model.presets import PRESETS, vision_param_count
 
     if model.lower() in PRESETS:
@@ -21,9 +23,9 @@ def describe_model(model: str, context: int, gpu_mem: int | None) -> dict:
         source = {"preset": model.lower(), "repo_id": preset["repo_id"]}
     else:
         from ..model.checkpoint import open_checkpoint
-        from .eval_cmd import _resolve
+        from ..hub.resolve import resolve_model
 
-        path = _resolve(model)
+        path = Path(resolve_model(model))
         reader = open_checkpoint(path)
         cfg = reader.config
         vision = sum(_numel(t.shape) for t in reader.vision_tensors())
@@ -79,9 +81,7 @@ def inspect_cmd(model, gpu_mem, context, as_json):
 
     MODEL is a checkpoint directory (HF or Meta layout), a Hub repo id, or a preset: scout, maverick;
     or a .gguf file (any split part): its tensor types and sizes."""
-    if model.endswith(".gguf"):  # GGUF view: cli/convert_gguf.py
-        from .convert_gguf import inspect_gguf
-
+    if model.endswith(".gguf"):
         inspect_gguf(model, as_json)
         return
     info = describe_model(model, context, gpu_mem)
@@ -114,3 +114,38 @@ def inspect_cmd(model, gpu_mem, context, as_json):
         m.add_row(k, human(v["weights_bytes"]), human(v["kv_cache_bytes"]), human(v["total_bytes"]),
                   "yes" if v["fits"] else "no")
     con.print(m)
+
+
+def inspect_gguf(path: str, as_json: bool) -> dict:
+    """`inspect FILE.gguf`: tensor types and sizes of a GGUF we (or llama.cpp) wrote."""
+    from ..formats.gguf.reader import describe_gguf
+
+    info = describe_gguf(path)
+    if as_json:
+        emit_json(info)
+        return info
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    md = info["metadata"]
+    con.print(f"[bold]{path}[/bold]  {len(info['files'])} file(s), {human(info['file_bytes'])}, "
+              f"{info['params']:,} params, {info['bits_per_weight']:.2f} bits/weight")
+    con.print(", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in md.items()))
+    r = info["llama_cpp_runs"]
+    con.print(f"llama.cpp runs: {r['layers']} layers, {r['experts']} experts on layers {r['moe_layers'][:6]}"
+              f"{'...' if len(r['moe_layers']) > 6 else ''}, NoPE {r['nope_layers'][:6]}, chunk {r['attention_chunk_size']}, "
+              f"qk norm {r['qk_norm']}")
+    t = Table(title="by type")
+    for col in ("type", "tensors", "params", "bytes"):
+        t.add_column(col, justify="right")
+    for k, v in info["by_type"].items():
+        t.add_row(k, str(v["tensors"]), f"{v['params']:,}", human(v["bytes"]))
+    con.print(t)
+    t = Table(title="tensors")
+    for col in ("name", "type", "shape", "bytes"):
+        t.add_column(col, justify="right" if col == "bytes" else "left")
+    for x in info["tensors"]:
+        t.add_row(x["name"], x["type"], "x".join(str(s) for s in x["shape"]), human(x["bytes"]))
+    con.print(t)
+    return info

@@ -39,82 +39,32 @@ import torch.nn.functional as F
 
 from ..errors import Llama4QuantError
 from ..model.checkpoint import CheckpointReader
+from ..formats.gguf.imatrix import Imatrix
 from ..model.config import Llama4Config
 from ..model.forward import LayerWeights, attention_block, dense_block, rms_norm, route, swiglu
+from ..model.tensors import ATTN, TensorSpec, tensor_specs
 from ..model.runner import DEFAULT_SPILL_BYTES, ActivationStore, LayerwiseRunner, release
 from ..quant.gptq import GPTQConfig, gptq
 from ..quant.grid import Grid, IntGrid
 from ..quant.hessian import HessianAccumulator
 from ..quant.rtn import QuantResult, rtn
 
-ROLES = ("embed", "norm", "attn", "router", "shared", "mlp", "experts", "head")
 # --targets vocabulary -> roles
 TARGET_NAMES = {"experts": "experts", "shared": "shared", "mlp": "mlp", "attn": "attn", "lm_head": "head"}
 DEFAULT_TARGETS = ("experts", "shared", "mlp")
-_ATTN = ("wq", "wk", "wv", "wo")
 _OBSERVED_BY = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "wo", "shared.gate": "shared.in",
                 "shared.up": "shared.in", "shared.down": "shared.down", "mlp.gate": "mlp.in", "mlp.up": "mlp.in",
                 "mlp.down": "mlp.down"}
 
+# observer name -> the Linears whose input it sees (the router reads the same input as the shared expert)
+_FEEDS: dict[str, tuple[str, ...]] = {}
+for _t, _o in _OBSERVED_BY.items():
+    _FEEDS[_o] = _FEEDS.get(_o, ()) + (_t,)
+_FEEDS["shared.in"] += ("router",)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # what gets converted
-@dataclass(frozen=True)
-class TensorSpec:
-    """One canonical tensor (see model/checkpoint.py) as the pipeline hands it to an exporter.
-
-    shape: [out, in] for Linears; for routed experts (`num_experts` > 0) the shape of *one* expert's matrix
-    (they are quantized and written expert by expert, all with the grid chosen for the spec)."""
-
-    name: str
-    role: str
-    shape: tuple[int, ...]
-    layer: int | None = None
-    num_experts: int = 0
-
-    @property
-    def local(self) -> str:
-        """Name inside the layer (`wq`, `experts.gate`, ...), or the global name."""
-        return self.name.split(".", 2)[2] if self.layer is not None else self.name
-
-    @property
-    def is_linear(self) -> bool:
-        return self.role in ("attn", "router", "shared", "mlp", "experts", "head")
-
-    def expert_name(self, e: int) -> str:
-        return f"layers.{self.layer}.experts.{e}.{self.local.split('.')[1]}"
-
-
-def _role(local: str) -> str:
-    if local in ("attn_norm", "ffn_norm"):
-        return "norm"
-    if local in _ATTN:
-        return "attn"
-    return local.split(".")[0]
-
-
-def tensor_specs(cfg: Llama4Config) -> list[TensorSpec]:
-    """Every canonical text tensor, in the order the pipeline writes them."""
-    H, V = cfg.hidden_size, cfg.vocab_size
-    I, Im, E = cfg.intermediate_size, cfg.intermediate_size_mlp, cfg.num_experts
-    out = [TensorSpec("tok_embeddings", "embed", (V, H))]
-    for i in range(cfg.num_layers):
-        local: list[tuple[str, tuple[int, ...], int]] = [
-            ("attn_norm", (H,), 0), ("wq", (cfg.q_dim, H), 0), ("wk", (cfg.kv_dim, H), 0),
-            ("wv", (cfg.kv_dim, H), 0), ("wo", (H, cfg.q_dim), 0), ("ffn_norm", (H,), 0)]
-        if cfg.is_moe(i):
-            local += [("router", (E, H), 0), ("shared.gate", (I, H), 0), ("shared.up", (I, H), 0),
-                      ("shared.down", (H, I), 0), ("experts.gate", (I, H), E), ("experts.up", (I, H), E),
-                      ("experts.down", (H, I), E)]
-        else:
-            local += [("mlp.gate", (Im, H), 0), ("mlp.up", (Im, H), 0), ("mlp.down", (H, Im), 0)]
-        out += [TensorSpec(f"layers.{i}.{n}", _role(n), s, i, e) for n, s, e in local]
-    out.append(TensorSpec("norm", "norm", (H,)))
-    if not cfg.tie_word_embeddings:
-        out.append(TensorSpec("output", "head", (V, H)))
-    return out
-
-
 @dataclass(frozen=True)
 class Selection:
     """Which Linears to quantize: roles from `--targets` minus `--ignore` glob patterns.
@@ -377,7 +327,7 @@ class Pipeline:
         w = LayerWeights(self.source, i, self.device, opt.dtype, keep_experts=False)
         try:
             self.exporter.write_tensor(by_name[p + "attn_norm"], self.source.read(p + "attn_norm"))
-            self._linears(i, store, w, [n for n in _ATTN], grids, by_name, self._observe_attention)
+            self._linears(i, store, w, [n for n in ATTN], grids, by_name, self._observe_attention)
             if store is not None:
                 self._apply(store, lambda h: h + attention_block(cfg, i, w, rms_norm(h, w.get("attn_norm"), cfg.rms_norm_eps)))
             self.exporter.write_tensor(by_name[p + "ffn_norm"], self.source.read(p + "ffn_norm"))
@@ -604,6 +554,75 @@ class Pipeline:
                         acc.index_add_(0, tok, swiglu(xin, *dev_q[e]))
                 out.put(sl, acc.view(h.shape))
 
+    # -- importance statistics (llama-imatrix's) ------------------------------------------------------------------
+    @torch.no_grad()
+    def collect_importance(self, tokens: torch.Tensor, include_output: bool = True) -> Imatrix:
+        """One layer-wise forward pass of the *unquantized* model over `tokens` [N, T], observing every Linear's
+        input: per canonical Linear the sum of x^2 per input column and the token count (routed experts per
+        expert, over the tokens routed to them after the router scale, as llama.cpp feeds them)."""
+        cfg, opt = self.cfg, self.opt
+        runner = LayerwiseRunner(self.source, self.device, opt.dtype, opt.batch_size, keep_experts=False,
+                                 spill_bytes=opt.spill_bytes)
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, torch.Tensor] = {}
+
+        def add(key: str, x: torch.Tensor, e: int | None = None, E: int = 0) -> None:
+            x2 = x.reshape(-1, x.shape[-1]).double()
+            if key not in sums:
+                shape = (E, x2.shape[1]) if e is not None else (x2.shape[1],)
+                sums[key] = torch.zeros(shape, dtype=torch.float64)
+                counts[key] = torch.zeros(shape[:1] if e is not None else (), dtype=torch.long)
+            sq = x2.pow(2).sum(0).cpu()
+            if e is None:
+                sums[key] += sq
+                counts[key] += x2.shape[0]
+            else:
+                sums[key][e] += sq
+                counts[key][e] += x2.shape[0]
+
+        self.progress.status("importance statistics: forward pass of the unquantized model")
+        store = runner.embed(tokens)
+        try:
+            self.progress.start(cfg.num_layers)
+            for i in range(cfg.num_layers):
+                self.progress.layer_start(i, 0)
+                p = f"layers.{i}."
+
+                def observer(name: str, x: torch.Tensor, p=p) -> None:
+                    if name.startswith("experts."):
+                        _, e, what = name.split(".")
+                        add(p + ("experts.in" if what == "in" else "experts.down"), x, int(e), cfg.num_experts)
+                    else:
+                        add(p + name, x)
+
+                with runner.layer(i) as w:
+                    runner.forward_layer(i, w, store, observer=observer)
+                self._release_source()
+                self.progress.layer_done(i)
+            if include_output and not cfg.tie_word_embeddings:
+                norm = self.source.read("norm").to(self.device, opt.dtype)
+                for sl in runner.batches(len(store)):
+                    add("output", rms_norm(store.get(sl, self.device, opt.dtype), norm, cfg.rms_norm_eps))
+        finally:
+            store.close()
+        out_s: dict[str, torch.Tensor] = {}
+        out_c: dict[str, torch.Tensor] = {}
+        for key, acc in sums.items():
+            if key == "output":
+                out_s[key], out_c[key] = acc, counts[key]
+                continue
+            layer, local = key.split(".", 2)[1], key.split(".", 2)[2]
+            base = f"layers.{layer}."
+            if local == "experts.in":
+                for k in ("experts.gate", "experts.up"):
+                    out_s[base + k], out_c[base + k] = acc, counts[key]
+            elif local == "experts.down":
+                out_s[key], out_c[key] = acc, counts[key]
+            else:
+                for tgt in _FEEDS.get(local, ()):
+                    out_s[base + tgt], out_c[base + tgt] = acc, counts[key]
+        return Imatrix(out_s, out_c)
+
     # -- report ------------------------------------------------------------------------------------------------------
     def _report(self, calib_info: dict | None, seconds: float) -> dict[str, Any]:
         opt = self.opt
@@ -637,7 +656,3 @@ def expert_budget(cfg: Llama4Config, budget_bytes: int) -> int:
     """How many experts' Hessians (+ weights) one chunk holds under `budget_bytes`."""
     H, I = cfg.hidden_size, cfg.intermediate_size
     return max(1, min(cfg.num_experts, budget_bytes // ((H * H + I * I) * 4 + 6 * H * I * 4)))
-
-
-__all__ = ["DEFAULT_TARGETS", "Exporter", "Pipeline", "PipelineOptions", "Progress", "Selection", "TARGET_NAMES",
-           "TensorSpec", "convert", "describe_grid", "expert_budget", "mse_variant", "tensor_specs"]

@@ -10,11 +10,11 @@ from pathlib import Path
 def open_any(model: str | Path):
     path = Path(model)
     if path.suffix == ".gguf" or (path.is_file() and _magic(path) == b"GGUF"):
-        from ..formats.gguf_read import open_gguf
+        from ..formats.gguf.reader import open_gguf
 
         return open_gguf(path)
     if is_compressed_tensors_dir(path):
-        from ..convert.quantized_source import QuantizedSource
+        from ..formats.compressed_tensors.reader import QuantizedSource
 
         src = QuantizedSource(path)
         src.validate()

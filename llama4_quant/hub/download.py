@@ -876,16 +876,3 @@ def _stderr_is_tty() -> bool:
         return False
 
 
-# `resolve_model` lives in .resolve; re-exported here too, where some commands import it from.
-from .resolve import resolve_model  # noqa: E402
-
-__all__ = [
-    "resolve_model",
-    "DownloadResult",
-    "FileResult",
-    "RemoteFile",
-    "disk_free_bytes",
-    "download_model",
-    "file_digest",
-    "translate_hub_error",
-]

@@ -1,16 +1,7 @@
-"""Canonical tensor naming and the reader interface shared by every checkpoint layout.
+"""The reader interface shared by every checkpoint layout (HF safetensors, Meta .pth, GGUF, compressed-tensors).
 
-Canonical names (all matrices are Linear-style [out, in]):
-
-    tok_embeddings [V, H]      norm [H]      output [V, H]
-    layers.N.attn_norm [H]     layers.N.ffn_norm [H]
-    layers.N.wq [nh*hd, H]     layers.N.wk / wv [nkv*hd, H]     layers.N.wo [H, nh*hd]
-    MoE layers:   layers.N.router [E, H]
-                  layers.N.experts.gate / experts.up [E, I, H]   layers.N.experts.down [E, H, I]
-                  layers.N.shared.gate / shared.up [I, H]        layers.N.shared.down [H, I]
-    dense layers: layers.N.mlp.gate / mlp.up [Imlp, H]           layers.N.mlp.down [H, Imlp]
-
-Readers never load more than the tensor asked for; experts can be read one at a time.
+Readers speak canonical tensor names (see model/tensors.py) and never load more than the tensor asked for;
+experts can be read one at a time.
 """
 
 from __future__ import annotations
@@ -23,46 +14,7 @@ import torch
 from ..errors import CheckpointError
 from .config import Llama4Config
 
-EXPERT_KINDS = ("gate", "up", "down")
-
-
-def expected_shapes(cfg: Llama4Config) -> dict[str, tuple[int, ...]]:
-    H, V, I, Im, E = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.intermediate_size_mlp, cfg.num_experts
-    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings": (V, H), "norm": (H,)}
-    if not cfg.tie_word_embeddings:
-        shapes["output"] = (V, H)
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        shapes.update(
-            {
-                p + "attn_norm": (H,),
-                p + "ffn_norm": (H,),
-                p + "wq": (cfg.q_dim, H),
-                p + "wk": (cfg.kv_dim, H),
-                p + "wv": (cfg.kv_dim, H),
-                p + "wo": (H, cfg.q_dim),
-            }
-        )
-        if cfg.is_moe(i):
-            shapes.update(
-                {
-                    p + "router": (E, H),
-                    p + "experts.gate": (E, I, H),
-                    p + "experts.up": (E, I, H),
-                    p + "experts.down": (E, H, I),
-                    p + "shared.gate": (I, H),
-                    p + "shared.up": (I, H),
-                    p + "shared.down": (H, I),
-                }
-            )
-        else:
-            shapes.update({p + "mlp.gate": (Im, H), p + "mlp.up": (Im, H), p + "mlp.down": (H, Im)})
-    return shapes
-
-
-def expected_shapes_layer(cfg: Llama4Config, i: int) -> dict[str, tuple[int, ...]]:
-    p = f"layers.{i}."
-    return {k: v for k, v in expected_shapes(cfg).items() if k.startswith(p)}
+from .tensors import EXPERT_KINDS, expected_shapes, expected_shapes_layer  # noqa: F401 (re-exported for readers)
 
 
 @dataclass

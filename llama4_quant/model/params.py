@@ -1,29 +1,16 @@
-"""Parameter counts by component and the memory each export scheme needs."""
+"""Parameter counts by component (the memory each export scheme needs is convert/sizes.py)."""
 
 from __future__ import annotations
 
-from ..formats.gguf_mix import SCHEMES as GGUF_SCHEMES, tensor_type, type_bytes
-from .checkpoint import expected_shapes
 from .config import Llama4Config
+from .tensors import tensor_specs
 
 COMPONENTS = ("embeddings", "attention", "routed_experts", "shared_experts", "dense_mlp", "router", "norms")
 
 
-def component(name: str) -> str:
-    rest = name.split(".", 2)[-1] if name.startswith("layers.") else name
-    if name in ("tok_embeddings", "output"):
-        return "embeddings"
-    if rest in ("wq", "wk", "wv", "wo"):
-        return "attention"
-    if rest.startswith("experts."):
-        return "routed_experts"
-    if rest.startswith("shared."):
-        return "shared_experts"
-    if rest.startswith("mlp."):
-        return "dense_mlp"
-    if rest == "router":
-        return "router"
-    return "norms"
+# tensor role (model/tensors.py) -> the component it is counted under
+ROLE_COMPONENT = {"embed": "embeddings", "head": "embeddings", "attn": "attention", "experts": "routed_experts",
+                  "shared": "shared_experts", "mlp": "dense_mlp", "router": "router", "norm": "norms"}
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -35,62 +22,10 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def param_counts(cfg: Llama4Config, vision: int = 0) -> dict[str, int]:
     counts = dict.fromkeys(COMPONENTS, 0)
-    for name, shape in expected_shapes(cfg).items():
-        counts[component(name)] += _numel(shape)
+    for spec in tensor_specs(cfg):
+        counts[ROLE_COMPONENT[spec.role]] += _numel(spec.full_shape)
     counts["vision"] = vision
     counts["total"] = sum(v for k, v in counts.items() if k != "vision")  # text tower
     counts["total_with_vision"] = counts["total"] + vision
     counts["active_per_token"] = counts["total"] - counts["routed_experts"] * (cfg.num_experts - cfg.top_k) // max(cfg.num_experts, 1)
     return counts
-
-
-# safetensors schemes: bytes per quantized weight element (incl. scales) for the default targets
-# (routed experts, shared experts, dense MLPs); everything else stays bf16.
-_QUANT_TARGETS = ("routed_experts", "shared_experts", "dense_mlp")
-
-
-def _st_bytes(scheme: str, shape: tuple[int, ...]) -> float:
-    n = _numel(shape)
-    out_rows = n // shape[-1]
-    if scheme == "w4a16":
-        return n / 2 + n / 128 * 2
-    if scheme == "w4a16-asym":
-        return n / 2 + n / 128 * 2 + n / 128 / 2
-    if scheme in ("w8a16", "fp8-dynamic"):
-        return n + out_rows * 2
-    if scheme == "fp8-block":
-        return n + n / (128 * 128) * 4
-    raise KeyError(scheme)
-
-
-ST_SCHEMES = ("w4a16", "w4a16-asym", "w8a16", "fp8-dynamic", "fp8-block")
-
-
-def weights_bytes(cfg: Llama4Config, scheme: str) -> int:
-    """Bytes of the text tower's weights under `scheme` (the vision tower is passed through in bf16 and
-    reported separately by `inspect`)."""
-    total = 0.0
-    for name, shape in expected_shapes(cfg).items():
-        if scheme == "bf16":
-            total += _numel(shape) * 2
-        elif scheme in ST_SCHEMES:
-            total += _st_bytes(scheme, shape) if component(name) in _QUANT_TARGETS else _numel(shape) * 2
-        else:
-            total += type_bytes(tensor_type(scheme, name, cfg.num_layers, shape[-1]), _numel(shape))
-    return int(total)
-
-
-def kv_cache_bytes(cfg: Llama4Config, context: int, bytes_per_elem: int = 2) -> int:
-    return 2 * cfg.num_kv_heads * cfg.head_dim * bytes_per_elem * cfg.num_layers * context
-
-
-def memory_table(cfg: Llama4Config, context: int, gpu_mem: int | None) -> dict[str, dict]:
-    kv = kv_cache_bytes(cfg, context)
-    table = {}
-    for scheme in ("bf16", *ST_SCHEMES, *[s for s in GGUF_SCHEMES if s not in ("bf16",)]):
-        key = scheme if scheme in ("bf16", *ST_SCHEMES) else f"gguf-{scheme}"
-        w = weights_bytes(cfg, scheme)
-        row = {"weights_bytes": w, "kv_cache_bytes": kv, "total_bytes": w + kv}
-        row["fits"] = None if gpu_mem is None else (w + kv) <= gpu_mem
-        table[key] = row
-    return table

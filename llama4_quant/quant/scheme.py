@@ -11,6 +11,8 @@ from typing import Literal, Union
 
 import torch
 
+from ..errors import Llama4QuantError
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
@@ -118,3 +120,21 @@ def expand_fp8_scale(scale: torch.Tensor, scheme: FP8Scheme, rows: int, cols: in
     br, bc = scheme.block
     full = scale.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)
     return full[:rows, :cols]
+
+
+# --scheme presets for safetensors output (compressed-tensors' W4A16, W4A16_ASYM, W8A16, FP8_DYNAMIC, FP8_BLOCK)
+SCHEMES = {
+    "w4a16": lambda g: IntScheme(4, True, g),
+    "w4a16-asym": lambda g: IntScheme(4, False, g),
+    "w8a16": lambda g: IntScheme(8, True, g),
+    "fp8-dynamic": lambda g: FP8Scheme("channel"),
+    "fp8-block": lambda g: FP8Scheme("block"),
+}
+
+
+def make_scheme(name: str, group_size: int | None = 128) -> Scheme:
+    if name not in SCHEMES:
+        raise Llama4QuantError(f"unknown --scheme {name!r} (choose from {', '.join(SCHEMES)})")
+    if group_size is not None and group_size == 0:
+        raise Llama4QuantError("--group-size must be positive or -1 (per channel)")
+    return SCHEMES[name](group_size)

@@ -12,8 +12,8 @@ from llama4_quant.calibration.dataset import DEFAULT_RECIPE, load_calibration, r
 from llama4_quant.calibration.documents import CalibrationError, Document, render_chat
 from llama4_quant.calibration.hub import choose_files, parse_hub_spec
 from llama4_quant.model.tokenizer import LoadedTokenizer
-from llama4_quant.testing.corpus import generate_corpus
-from llama4_quant.testing.tokenizer import build_tokenizer
+from llama4_quant.tiny.corpus import generate_corpus
+from llama4_quant.tiny.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def hub(monkeypatch, tmp_path):
     map those onto its model routes (patched here, in the test, for the stand-in's lifetime)."""
     from huggingface_hub.utils import close_session
 
-    from llama4_quant.testing import hub_server
+    from support import hub_server
 
     orig = hub_server._Handler._hub
 
@@ -198,7 +198,7 @@ def test_default_recipe_from_hub_and_unreachable_hub(hub, tok, monkeypatch):
 
 def test_cli_offline_message_is_one_line(cli, tmp_path):
     """No --calib and no network: one clear line, non-zero exit, no output directory."""
-    from llama4_quant.testing.checkpoints import text_config, write_hf_checkpoint
+    from llama4_quant.tiny.checkpoints import text_config, write_hf_checkpoint
 
     src = write_hf_checkpoint(tmp_path / "m", text_config("scout", hidden_size=128, intermediate_size=128,
                                                           intermediate_size_mlp=256, head_dim=32, num_hidden_layers=1))

@@ -9,9 +9,9 @@ from typing import Callable
 import pytest
 import torch
 
-from llama4_quant.testing.checkpoints import random_tensor_fn, text_config, write_hf_checkpoint
-from llama4_quant.testing.corpus import generate_corpus
-from llama4_quant.testing.tokenizer import build_tokenizer, save_tokenizer_files, tokenizer_info
+from llama4_quant.tiny.checkpoints import random_tensor_fn, text_config, write_hf_checkpoint
+from llama4_quant.tiny.corpus import generate_corpus
+from llama4_quant.tiny.tokenizer import build_tokenizer, save_tokenizer_files, tokenizer_info
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 
 from llama4_quant.cli.convert_cmd import run_convert
-from llama4_quant.convert.pipeline import Pipeline, PipelineOptions, Selection, tensor_specs
-from llama4_quant.convert.quantized_source import QuantizedSource
+from llama4_quant.convert.pipeline import Pipeline, PipelineOptions, Selection
+from llama4_quant.model.tensors import tensor_specs
+from llama4_quant.formats.compressed_tensors.reader import QuantizedSource
 from llama4_quant.errors import Llama4QuantError
 from llama4_quant.model.checkpoint import open_checkpoint
 from llama4_quant.model.runner import LayerwiseRunner
@@ -155,7 +156,7 @@ def test_meta_source_gives_loadable_text_model(tmp_path):
     """Meta's layout has no config.json: the output gets a synthesized Llama4ForCausalLM one that transformers
     loads, and its logits match our forward on the same (fp32-dequantized) weights."""
     transformers = pytest.importorskip("transformers")
-    from llama4_quant.testing.checkpoints import text_config, write_meta_checkpoint
+    from llama4_quant.tiny.checkpoints import text_config, write_meta_checkpoint
 
     tc = text_config("maverick", hidden_size=128, intermediate_size=256, intermediate_size_mlp=512, head_dim=32)
     src = write_meta_checkpoint(tmp_path / "meta", tc, shards=2)

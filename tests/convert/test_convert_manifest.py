@@ -11,7 +11,7 @@ import torch
 
 from llama4_quant import __version__
 from llama4_quant.cli.convert_cmd import run_convert
-from llama4_quant.convert.quantized_source import QuantizedSource
+from llama4_quant.formats.compressed_tensors.reader import QuantizedSource
 
 
 def _sha(p) -> str:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llama4_quant.cli.convert_cmd import run_convert
-from llama4_quant.convert.quantized_source import QuantizedSource
+from llama4_quant.formats.compressed_tensors.reader import QuantizedSource
 from llama4_quant.eval.evaluate import score_chunks
 from llama4_quant.eval.perplexity import make_chunks
 from llama4_quant.model.checkpoint import open_checkpoint

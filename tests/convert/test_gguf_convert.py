@@ -17,13 +17,13 @@ from gguf import GGUFReader
 from llama4_quant.eval.compare import compare_models
 from llama4_quant.eval.evaluate import score_chunks
 from llama4_quant.eval.perplexity import make_chunks
-from llama4_quant.formats import gguf_quants as gq
-from llama4_quant.formats.gguf_convert import collect_imatrix, load_imatrix_file, run_gguf_convert
-from llama4_quant.formats.gguf_mix import canonical_name
-from llama4_quant.formats.gguf_read import open_gguf
+from llama4_quant.formats.gguf import quants as gq
+from llama4_quant.convert.gguf import collect_imatrix, load_imatrix_file, run_gguf_convert
+from llama4_quant.formats.gguf.names import canonical_name
+from llama4_quant.formats.gguf.reader import open_gguf
 from llama4_quant.model.checkpoint import open_checkpoint
 from llama4_quant.model.tokenizer import load_tokenizer
-from llama4_quant.testing.llamacpp import find_llamacpp
+from support.llamacpp import find_llamacpp
 
 LLAMA = find_llamacpp()
 needs_llamacpp = pytest.mark.skipif(LLAMA is None, reason="llama.cpp tools not built (scripts/build_llamacpp.sh)")
@@ -116,7 +116,7 @@ def test_cli_convert_to_gguf(runs, cli, tmp_path):
 
 
 def _llama_ppl(path, model) -> float:
-    from llama4_quant.testing.llamacpp import run_perplexity
+    from support.llamacpp import run_perplexity
 
     # one thread: ggml's OpenMP workers spin at barriers, which crawls when the 2 cores are shared
     return run_perplexity(path, model / "test.txt", 128, threads=1, llama=LLAMA, timeout=600)["ppl"]
@@ -177,7 +177,7 @@ def test_same_file_as_llamacpp_converter(runs, trained_model):
 @pytest.mark.llamacpp
 @needs_llamacpp
 def test_rtn_is_bit_exact_with_llama_quantize(runs):
-    from llama4_quant.testing.llamacpp import run_quantize
+    from support.llamacpp import run_quantize
 
     theirs = run_quantize(runs["bf16"], runs["dir"] / "lq-q4_k_m.gguf", "Q4_K_M", threads=1, llama=LLAMA, timeout=600)
     _same_tensors(theirs, runs["rtn"])
@@ -195,7 +195,7 @@ def _same_tensors(a, b) -> None:
 @needs_llamacpp
 def test_imatrix_statistic_and_quantization_match_llamacpp(runs, trained_model, tmp_path):
     """llama-imatrix's statistic is ours (same chunks), and quantizing with its file reproduces llama-quantize."""
-    from llama4_quant.testing.llamacpp import run_imatrix, run_quantize
+    from support.llamacpp import run_imatrix, run_quantize
 
     ctx = 512
     imat = run_imatrix(runs["bf16"], trained_model / "calib.txt", tmp_path / "imatrix.gguf", ctx, chunks=24,

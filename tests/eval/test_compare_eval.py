@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from llama4_quant.testing.checkpoints import random_tensor_fn, write_hf_checkpoint
+from llama4_quant.tiny.checkpoints import random_tensor_fn, write_hf_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from llama4_quant.cli.main import cli
 from llama4_quant.hub import download as dl
-from llama4_quant.testing.hub_server import HubStandIn, git_blob_sha1, point_client_at, sample_llama4_repo
+from support.hub_server import HubStandIn, git_blob_sha1, point_client_at, sample_llama4_repo
 
 REPO = "meta-llama/Llama-4-Tiny-Instruct"
 GATED = "meta-llama/Llama-4-Tiny-Gated"

@@ -9,7 +9,7 @@ from llama4_quant.hub import download as dl
 from llama4_quant.hub import resolve_model
 from llama4_quant.hub.errors import GatedRepoAccessError
 from llama4_quant.hub.resolve import looks_like_repo_id
-from llama4_quant.testing.hub_server import HubStandIn, point_client_at, sample_llama4_repo
+from support.hub_server import HubStandIn, point_client_at, sample_llama4_repo
 
 REPO = "meta-llama/Llama-4-Tiny-Instruct"
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from llama4_quant.testing.checkpoints import text_config, write_hf_checkpoint, write_meta_checkpoint
+from llama4_quant.tiny.checkpoints import text_config, write_hf_checkpoint, write_meta_checkpoint
 
 
 def assert_one_line_error(proc, *needles):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from llama4_quant.testing.checkpoints import text_config, write_hf_checkpoint
+from llama4_quant.tiny.checkpoints import text_config, write_hf_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from llama4_quant.model.tokenizer import load_tokenizer
-from llama4_quant.testing.checkpoints import write_meta_checkpoint
-from llama4_quant.testing.tokenizer import tiktoken_model_file
+from llama4_quant.tiny.checkpoints import write_meta_checkpoint
+from llama4_quant.tiny.tokenizer import tiktoken_model_file
 
 
 def test_tiktoken_model_matches_tokenizer_json(tiny_with_tokenizer, tmp_path):

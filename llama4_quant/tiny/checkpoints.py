@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import save_file
 
-from ..model.checkpoint import expected_shapes
+from ..model.tensors import expected_shapes
 from ..model.config import Llama4Config, from_hf_dict, from_params_dict
 from ..model.hf_reader import to_hf_name
 

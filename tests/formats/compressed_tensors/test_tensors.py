@@ -7,7 +7,8 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from llama4_quant.formats import compressed_tensors as fmt
+from llama4_quant.formats.compressed_tensors import config as ct_config
+from llama4_quant.formats.compressed_tensors import tensors as ct_tensors
 from llama4_quant.quant import FP8Scheme, IntScheme, quantize_linear
 from llama4_quant.quant.hessian import HessianAccumulator
 
@@ -43,7 +44,7 @@ def _weight(rows: int = 200, cols: int = 384, seed: int = 0) -> torch.Tensor:
 
 
 def _ct_scheme(scheme):
-    cfg = fmt.quantization_config([fmt.ConfigGroup(["Linear"], scheme)])
+    cfg = ct_config.quantization_config([ct_config.ConfigGroup(["Linear"], scheme)])
     qc = QuantizationConfig.model_validate(cfg)
     return qc, qc.config_groups["group_0"]
 
@@ -55,15 +56,15 @@ def test_pack_matches_compressed_tensors(bits: int, dim: int, size: int) -> None
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1))
     shape = (size, 24) if dim == 0 else (24, size)
     codes = torch.randint(lo, hi, shape, generator=torch.Generator().manual_seed(bits), dtype=torch.int8)
-    ours = fmt.pack_int32(codes, bits, dim)
+    ours = ct_tensors.pack_int32(codes, bits, dim)
     assert torch.equal(ours, pack_to_int32(codes, bits, packed_dim=dim))
-    assert torch.equal(fmt.unpack_int32(ours, bits, size, dim), codes)
+    assert torch.equal(ct_tensors.unpack_int32(ours, bits, size, dim), codes)
     assert torch.equal(unpack_from_int32(ours, bits, torch.Size(shape), packed_dim=dim), codes)
 
 
 def test_int4_nibble_layout() -> None:
     codes = torch.tensor([[-8, -7, 0, 1, 2, 3, 4, 7]], dtype=torch.int8)
-    word = int(fmt.pack_int32(codes, 4)[0, 0]) & 0xFFFFFFFF
+    word = int(ct_tensors.pack_int32(codes, 4)[0, 0]) & 0xFFFFFFFF
     nibbles = [(word >> (4 * i)) & 0xF for i in range(8)]
     assert nibbles == [0, 1, 8, 9, 10, 11, 12, 15]  # value + 8, element i at bits 4i..4i+3
 
@@ -73,9 +74,9 @@ def test_decompress_bit_exact(name: str) -> None:
     scheme = CASES[name]
     w = _weight()
     q, _ = quantize_linear(w, scheme, method="rtn")
-    tensors = fmt.linear_tensors(q, torch.bfloat16)
+    tensors = ct_tensors.linear_tensors(q, torch.bfloat16)
     _, ct_scheme = _ct_scheme(scheme)
-    compressor = BaseCompressor.get_value_from_registry(fmt.scheme_format(scheme))
+    compressor = BaseCompressor.get_value_from_registry(ct_config.scheme_format(scheme))
 
     # their decompression of our tensors == our dequantization, bit for bit
     theirs = compressor.decompress(dict(tensors), ct_scheme)["weight"]
@@ -93,7 +94,7 @@ def test_decompress_bit_exact(name: str) -> None:
         assert torch.equal(recompressed[key].to(torch.float32), value.to(torch.float32)), key
 
     # and our reader inverts our writer
-    back = fmt.read_linear_tensors(tensors, scheme)
+    back = ct_tensors.read_linear_tensors(tensors, scheme)
     assert torch.equal(back.dequantize(), q.dequantize())
 
 
@@ -114,7 +115,7 @@ def test_model_compressor_loads_our_state_dict(name: str) -> None:
     compressor = ModelCompressor(quantization_config=qc)
     compressor.compress_model(model)
     expected = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
-    ours = {f"proj.{k}": v for k, v in fmt.linear_tensors(q).items()}
+    ours = {f"proj.{k}": v for k, v in ct_tensors.linear_tensors(q).items()}
     assert {k: (v.shape, v.dtype) for k, v in ours.items()} == expected
     model.load_state_dict(ours, strict=True)
     compressor.decompress_model(model)
@@ -138,14 +139,14 @@ def _core(args) -> dict:
     ],
 )
 def test_config_matches_presets(preset: str, scheme) -> None:
-    cfg = fmt.quantization_config(
-        [fmt.ConfigGroup(["re:.*experts.*"], scheme)], ignore=["lm_head", "re:.*self_attn.*"]
+    cfg = ct_config.quantization_config(
+        [ct_config.ConfigGroup(["re:.*experts.*"], scheme)], ignore=["lm_head", "re:.*self_attn.*"]
     )
-    assert fmt.validate_quantization_config(cfg)
+    assert ct_config.validate_quantization_config(cfg)
     qc = QuantizationConfig.model_validate(cfg)
     assert qc.quant_method == "compressed-tensors"
     assert qc.quantization_status == "compressed"
-    assert qc.format == fmt.scheme_format(scheme)
+    assert qc.format == ct_config.scheme_format(scheme)
     assert qc.ignore == ["lm_head", "re:.*self_attn.*"]
     ours = qc.config_groups["group_0"]
     ref = preset_name_to_scheme(preset, ["re:.*experts.*"])
@@ -160,11 +161,11 @@ def test_config_matches_presets(preset: str, scheme) -> None:
 
 def test_config_channel_mixed_and_actorder() -> None:
     groups = [
-        fmt.ConfigGroup(["re:.*experts.*"], IntScheme(4, True, 128), actorder=True),
-        fmt.ConfigGroup(["re:.*shared_expert.*"], FP8Scheme("channel")),
-        fmt.ConfigGroup(["re:.*mlp.*"], IntScheme(8, True, None), observer="mse"),
+        ct_config.ConfigGroup(["re:.*experts.*"], IntScheme(4, True, 128), actorder=True),
+        ct_config.ConfigGroup(["re:.*shared_expert.*"], FP8Scheme("channel")),
+        ct_config.ConfigGroup(["re:.*mlp.*"], IntScheme(8, True, None), observer="mse"),
     ]
-    cfg = fmt.quantization_config(groups)
+    cfg = ct_config.quantization_config(groups)
     qc = QuantizationConfig.model_validate(cfg)
     assert qc.format == "mixed-precision"
     g = qc.config_groups
@@ -174,11 +175,11 @@ def test_config_channel_mixed_and_actorder() -> None:
     assert g["group_2"].weights.strategy == "channel" and g["group_2"].weights.group_size is None
     assert g["group_2"].weights.observer == "mse"
     # not mixed: no per-group format key (older compressed-tensors forbid it)
-    single = fmt.quantization_config(groups[:1])
+    single = ct_config.quantization_config(groups[:1])
     assert "format" not in single["config_groups"]["group_0"]
 
 
 def test_unrepresentable_scale_rejected() -> None:
     q, _ = quantize_linear(_weight().float(), IntScheme(), method="rtn")  # fp32 scales
     with pytest.raises(ValueError, match="representable"):
-        fmt.linear_tensors(q, torch.bfloat16)
+        ct_tensors.linear_tensors(q, torch.bfloat16)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from llama4_quant.formats import gguf_quants as gq
-from llama4_quant.formats.gguf_quants import QT
+from llama4_quant.formats.gguf import quants as gq
+from llama4_quant.formats.gguf.quants import QT
 
 BLOCK_TYPES = [QT.Q8_0, QT.Q4_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 K_TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K]

@@ -18,15 +18,17 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 
 from llama4_quant.errors import Llama4QuantError
-from llama4_quant.formats import gguf_quants as gq
-from llama4_quant.formats.gguf_convert import run_gguf_convert
-from llama4_quant.formats.gguf_grid import BlockGrid, pack_result
-from llama4_quant.formats.gguf_mix import FILE_TYPE, canonical_name, gguf_name, more_bits, tensor_type
-from llama4_quant.formats.gguf_write import (GGUFFileWriter, PlannedTensor, canonical_shapes, compat_warning,
-                                             llamacpp_differences, rope_freqs_tensor)
+from llama4_quant.formats.gguf import quants as gq
+from llama4_quant.convert.gguf import run_gguf_convert
+from llama4_quant.formats.gguf.grid import BlockGrid, pack_result
+from llama4_quant.formats.gguf.mix import FILE_TYPE, more_bits, tensor_type
+from llama4_quant.formats.gguf.names import canonical_name, gguf_name
+from llama4_quant.formats.gguf.writer import GGUFFileWriter
+from llama4_quant.formats.gguf.mix import PlannedTensor, canonical_shapes
+from llama4_quant.formats.gguf.metadata import compat_warning, llamacpp_differences, rope_freqs_tensor
 from llama4_quant.model.checkpoint import open_checkpoint
 from llama4_quant.model.config import from_hf_dict, rope_freq_factors
-from llama4_quant.testing.checkpoints import hf_config, text_config, write_hf_checkpoint, write_meta_checkpoint
+from llama4_quant.tiny.checkpoints import hf_config, text_config, write_hf_checkpoint, write_meta_checkpoint
 
 DIMS = dict(hidden_size=256, intermediate_size=256, intermediate_size_mlp=512, head_dim=64, num_attention_heads=4,
             num_key_value_heads=2)
@@ -34,15 +36,15 @@ DIMS = dict(hidden_size=256, intermediate_size=256, intermediate_size_mlp=512, h
 
 @pytest.fixture(scope="module")
 def tok_info():
-    from llama4_quant.testing.corpus import corpus_splits
-    from llama4_quant.testing.tokenizer import build_tokenizer, tokenizer_info
+    from llama4_quant.tiny.corpus import corpus_splits
+    from llama4_quant.tiny.tokenizer import build_tokenizer, tokenizer_info
 
     tok = build_tokenizer(corpus_splits(0)["train"][:60_000], vocab_size=300)
     return tok, tokenizer_info(tok)
 
 
 def _model(root: Path, name: str, tok_info, variant: str = "scout", layout: str = "hf", **overrides) -> Path:
-    from llama4_quant.testing.tokenizer import save_tokenizer_files
+    from llama4_quant.tiny.tokenizer import save_tokenizer_files
 
     tok, info = tok_info
     tc = text_config(variant, vocab_size=info.vocab_size, bos_token_id=info.bos_id, eos_token_id=info.eos_id,
@@ -198,7 +200,7 @@ def test_rope_freqs_tokens_and_data(models, tmp_path):
     assert np.allclose(rf, rope_freq_factors(cfg).numpy(), rtol=3e-7, atol=0)
     assert np.array_equal(rf, rope_freqs_tensor(cfg)) and rf.max() == 8.0 and rf.min() == 1.0
     # bf16 data is the checkpoint's, exactly; routers and norms F32
-    from llama4_quant.formats.gguf_read import open_gguf
+    from llama4_quant.formats.gguf.reader import open_gguf
 
     g = open_gguf(out)
     for name in ("tok_embeddings", "layers.1.wq", "layers.2.router", "layers.0.attn_norm", "output"):
@@ -294,7 +296,7 @@ def test_block_grid_is_the_packers_grid():
 def test_ref_grid_for_fallback_types():
     from gguf.quants import quantize as ref_quantize
 
-    from llama4_quant.formats.gguf_grid import RefGrid
+    from llama4_quant.formats.gguf.grid import RefGrid
     from llama4_quant.quant.rtn import rtn
 
     torch.manual_seed(2)
@@ -308,7 +310,7 @@ def test_ref_grid_for_fallback_types():
 def test_gptq_with_fallback_types(models, tmp_path):
     """64-wide model: gate/up fall back to Q5_0 (no GPTQ grid) while some ffn_down are Q8_0 (grid): still converts,
     and the file decodes to the weights the pipeline calibrated the next layers on."""
-    from llama4_quant.testing.corpus import corpus_splits
+    from llama4_quant.tiny.corpus import corpus_splits
 
     calib = tmp_path / "calib.txt"
     calib.write_text(corpus_splits(0)["calib"][:20_000])
@@ -364,7 +366,7 @@ def test_split_output(models, tmp_path):
         names += [t.name for t in r.tensors]
     one = _tensors(single)
     assert sorted(names) == sorted(one)
-    from llama4_quant.formats.gguf_read import open_gguf
+    from llama4_quant.formats.gguf.reader import open_gguf
 
     a, b = open_gguf(files[-1]), open_gguf(single)
     for name in ("layers.3.experts.gate", "output", "layers.0.wq", "layers.2.router"):
@@ -436,7 +438,7 @@ def test_full_disk_is_refused_before_writing(models, tmp_path, monkeypatch):
 def test_killed_conversion_leaves_no_complete_looking_file(models, tmp_path):
     """SIGKILL in the middle of a GPTQ conversion: no OUT (nor split part) appears; the next run cleans up."""
     calib = tmp_path / "calib.txt"
-    from llama4_quant.testing.corpus import corpus_splits
+    from llama4_quant.tiny.corpus import corpus_splits
 
     calib.write_text(corpus_splits(0)["calib"][:20_000])
     out = tmp_path / "k.gguf"

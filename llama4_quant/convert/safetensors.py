@@ -33,49 +33,29 @@ import torch
 from .. import __version__
 from ..fsutil import pid_alive, sha256_file
 from ..errors import Llama4QuantError
-from ..formats import compressed_tensors as fmt
+from ..formats.compressed_tensors import config as ct_config
+from ..formats.compressed_tensors import tensors as ct_tensors
+from ..formats.compressed_tensors.tensors import INDEX, torch_dtype
 from ..model.checkpoint import CheckpointReader
 from ..model.config import Llama4Config
 from ..model.hf_reader import to_hf_name
 from ..quant.api import make_grid
 from ..quant.grid import Grid
 from ..quant.rtn import QuantResult
-from ..quant.scheme import FP8Scheme, IntScheme, QuantizedLinear, Scheme
-from .pipeline import Selection, TensorSpec
+from ..quant.scheme import SCHEMES, IntScheme, QuantizedLinear, Scheme, make_scheme
+from ..model.tensors import TensorSpec
+from .pipeline import Selection
 
 MANIFEST = "llama4-quant.json"
-INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1000**3
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".ckpt")
 _SKIP_FILES = {"config.json", INDEX, MANIFEST, "params.json", "pytorch_model.bin.index.json"}
-
-# --scheme presets (compressed-tensors' W4A16, W4A16_ASYM, W8A16, FP8_DYNAMIC, FP8_BLOCK)
-SCHEMES = {
-    "w4a16": lambda g: IntScheme(4, True, g),
-    "w4a16-asym": lambda g: IntScheme(4, False, g),
-    "w8a16": lambda g: IntScheme(8, True, g),
-    "fp8-dynamic": lambda g: FP8Scheme("channel"),
-    "fp8-block": lambda g: FP8Scheme("block"),
-}
 
 _ST_DTYPES = {
     torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
     torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
-
-
-def make_scheme(name: str, group_size: int | None = 128) -> Scheme:
-    if name not in SCHEMES:
-        raise Llama4QuantError(f"unknown --scheme {name!r} (choose from {', '.join(SCHEMES)})")
-    if group_size is not None and group_size == 0:
-        raise Llama4QuantError("--group-size must be positive or -1 (per channel)")
-    return SCHEMES[name](group_size)
-
-
-def torch_dtype(name: str | None) -> torch.dtype:
-    return {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        str(name or "bfloat16").replace("torch.", ""), torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,7 +293,7 @@ class SafetensorsExporter:
         q = result.finalize(grid)
         self._last = (id(result), q)
         module = self.module_name(spec.name if expert is None else spec.expert_name(expert))
-        for key, t in fmt.linear_tensors(q, self.model_dtype).items():
+        for key, t in ct_tensors.linear_tensors(q, self.model_dtype).items():
             self.writer.add(f"{module}.{key}", t)
 
     def end_layer(self, layer: int) -> None:
@@ -345,8 +325,8 @@ class SafetensorsExporter:
         else:
             config = hf_text_config(self.source.config)
             self.warnings.append("source has no config.json (Meta layout): wrote a Llama4ForCausalLM config")
-        group = fmt.ConfigGroup(["Linear"], self.scheme, observer=self.observer, actorder=self.actorder)
-        qc = fmt.quantization_config([group], self.ignore_list())
+        group = ct_config.ConfigGroup(["Linear"], self.scheme, observer=self.observer, actorder=self.actorder)
+        qc = ct_config.quantization_config([group], self.ignore_list())
         config["quantization_config"] = qc
         return config
 
@@ -446,6 +426,18 @@ class SafetensorsExporter:
         self.tmp = None
 
 
+    # -- the command's summary --------------------------------------------------------------------------------------
+    @property
+    def artifact(self) -> Path:
+        return self.out
+
+    def summary(self, manifest: dict[str, Any], seconds: float) -> dict[str, Any]:
+        return summary(manifest, self.out)
+
+    def manifest_path(self, summary: dict[str, Any]) -> Path:
+        return self.out / MANIFEST
+
+
 def summary(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
     """The `--json` summary of a finished conversion."""
     layers = manifest.get("layers", [])
@@ -472,5 +464,42 @@ def summary(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
     }
 
 
-__all__ = ["SCHEMES", "SafetensorsExporter", "ShardedWriter", "clean_stale_temps", "hf_text_config", "make_scheme",
-           "summary"]
+class SafetensorsFormat:
+    """`--to safetensors` for convert/run.py: compressed-tensors checkpoints (vLLM, transformers)."""
+
+    name = "safetensors"
+    default_scheme = "w4a16"
+    methods = ("gptq", "rtn")
+    options = ("group_size", "targets", "ignore", "observer", "max_shard_size")
+
+    @property
+    def schemes(self) -> tuple[str, ...]:
+        return tuple(SCHEMES)
+
+    def resolve_method(self, scheme: str, o) -> str:
+        if o.method == "auto":
+            return "rtn" if scheme.startswith("fp8") else "gptq"
+        return o.method
+
+    def final_method(self, method: str, scheme: str) -> str:
+        return method
+
+    def reads_calibration(self, method: str, o) -> bool:
+        return method == "gptq"
+
+    def option_warnings(self, scheme: str, o) -> list[str]:
+        if "attn" in Selection.parse(o.targets, o.ignore or ()).roles:
+            return ["attention is quantized: vLLM's Llama 4 loader permutes q/k rows without permuting grouped "
+                    "scales, so this checkpoint may load but compute wrong attention there (see docs/convert.md)"]
+        return []
+
+    def exporter(self, o, scheme: str, method: str) -> SafetensorsExporter:
+        g = 128 if o.group_size is None else o.group_size
+        return SafetensorsExporter(o.out, make_scheme(scheme, None if g == -1 else g),
+                                   Selection.parse(o.targets, o.ignore or ()), force=o.force,
+                                   max_shard_bytes=o.max_shard_size or DEFAULT_MAX_SHARD_BYTES,
+                                   observer=o.observer or "minmax", actorder=o.act_order and method == "gptq",
+                                   scheme_name=scheme, source_label=o.model)
+
+    def configure(self, exporter, o, method: str, calib_info: dict | None, is_hub_id: bool) -> None:
+        pass

@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from llama4_quant.testing import corpus as corpus_mod
-from llama4_quant.testing.corpus import SPLIT_SIZES, corpus_splits, generate_corpus
+from llama4_quant.tiny import corpus as corpus_mod
+from llama4_quant.tiny.corpus import SPLIT_SIZES, corpus_splits, generate_corpus
 
 
 def test_exact_length_and_determinism():
@@ -78,7 +78,7 @@ def test_structure():
 def test_learnable_by_bigram():
     """A smoothed token-bigram model from train scores test far below uniform (and below unigram)."""
     np = pytest.importorskip("numpy")
-    from llama4_quant.testing.tokenizer import build_tokenizer, tokenizer_info
+    from llama4_quant.tiny.tokenizer import build_tokenizer, tokenizer_info
 
     s = corpus_splits(0)
     train = s["train"][:600_000]

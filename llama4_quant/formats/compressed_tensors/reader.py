@@ -13,13 +13,12 @@ from pathlib import Path
 import torch
 
 
-from ..errors import CheckpointError
-from ..formats.compressed_tensors import read_linear_tensors
-from ..model.checkpoint import expected_shapes
-from ..model.config import load_config
-from ..model.hf_reader import open_safetensors, to_hf_name
-from ..quant.scheme import FP8Scheme, IntScheme, Scheme
-from .safetensors_export import INDEX, torch_dtype
+from ...errors import CheckpointError
+from .tensors import INDEX, read_linear_tensors, torch_dtype
+from ...model.tensors import expected_shapes
+from ...model.config import load_config
+from ...model.hf_reader import open_safetensors, to_hf_name
+from ...quant.scheme import FP8Scheme, IntScheme, Scheme
 
 
 def scheme_from_weight_args(w: dict) -> Scheme:

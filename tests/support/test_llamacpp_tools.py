@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama4_quant.testing import llamacpp as lcpp
-from llama4_quant.testing.llamacpp import LlamaCppError, find_llamacpp, parse_perplexity_output
+from support import llamacpp as lcpp
+from support.llamacpp import LlamaCppError, find_llamacpp, parse_perplexity_output
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA = find_llamacpp()

@@ -72,27 +72,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from llama4_quant.formats import gguf_kquants as kq
+from . import kquants as kq
 
 QT = GGMLQuantizationType
 F32 = np.float32
 QK_K = 256
 
-__all__ = [
-    "QT",
-    "SUPPORTED_TYPES",
-    "BlockParams",
-    "block_params",
-    "bytes_per_row",
-    "concat_params",
-    "dequantize",
-    "dequantize_codes",
-    "pack",
-    "param_block_cols",
-    "quantize",
-    "quantize_with_params",
-    "unpack",
-]
 
 
 @dataclass(frozen=True)

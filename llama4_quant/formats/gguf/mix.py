@@ -25,9 +25,16 @@ testing/llamacpp.py) restricted to our schemes, so that sizes and quality compar
 
 from __future__ import annotations
 
-import re
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from ...model.config import Llama4Config
+from ...model.tensors import tensor_specs
+from .errors import GGUFWriteError
+from .names import ROPE_FREQS, gguf_name
 
 SCHEMES = ("bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q4_0")
 
@@ -41,43 +48,6 @@ FILE_TYPE = {"bf16": 32, "f16": 1, "q8_0": 7, "q6_k": 18, "q5_k_m": 17, "q4_k_m"
 
 _FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 _FLOAT = (T.F32, T.F16, T.BF16)
-
-_GLOBAL = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output"}
-_LAYER = {
-    "attn_norm": "attn_norm", "ffn_norm": "ffn_norm",
-    "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
-    "router": "ffn_gate_inp",
-    "experts.gate": "ffn_gate_exps", "experts.up": "ffn_up_exps", "experts.down": "ffn_down_exps",
-    "shared.gate": "ffn_gate_shexp", "shared.up": "ffn_up_shexp", "shared.down": "ffn_down_shexp",
-    "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down",
-}
-_CANON = re.compile(r"^layers\.(\d+)\.(.+)$")
-_GGUF = re.compile(r"^blk\.(\d+)\.(.+)\.weight$")
-_REV_GLOBAL = {v + ".weight": k for k, v in _GLOBAL.items()}
-_REV_LAYER = {v: k for k, v in _LAYER.items()}
-
-ROPE_FREQS = "rope_freqs.weight"
-
-
-def gguf_name(canonical: str) -> str:
-    """`layers.3.experts.down` -> `blk.3.ffn_down_exps.weight` (llama.cpp's names)."""
-    if canonical in _GLOBAL:
-        return _GLOBAL[canonical] + ".weight"
-    m = _CANON.match(canonical)
-    if not m or m.group(2) not in _LAYER:
-        raise KeyError(canonical)
-    return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
-
-
-def canonical_name(gguf: str) -> str:
-    """Inverse of :func:`gguf_name` (`blk.3.ffn_down_exps.weight` -> `layers.3.experts.down`)."""
-    if gguf in _REV_GLOBAL:
-        return _REV_GLOBAL[gguf]
-    m = _GGUF.match(gguf)
-    if not m or m.group(2) not in _REV_LAYER:
-        raise KeyError(gguf)
-    return f"layers.{m.group(1)}.{_REV_LAYER[m.group(2)]}"
-
 
 def more_bits(i: int, n: int) -> bool:
     """llama.cpp's `use_more_bits(i_layer, n_layers)`."""
@@ -146,3 +116,45 @@ def fit_type(t: T, row_len: int) -> T:
 def type_bytes(t: T, n_elements: int) -> int:
     block, size = GGML_QUANT_SIZES[t]
     return n_elements // block * size
+
+
+# ---- the tensor plan of a file ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str  # GGUF name
+    canonical: str | None  # our canonical name (None for rope_freqs)
+    shape: tuple[int, ...]  # numpy order: outermost first (GGUF ne reversed)
+    qtype: T
+    n_experts: int = 0  # > 0: a 3-D routed-expert tensor written one [rows, cols] slab per expert
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.qtype, self.shape)
+
+    @property
+    def slab_bytes(self) -> int:
+        return self.nbytes // self.n_experts if self.n_experts else self.nbytes
+
+
+def tensor_nbytes(qtype: T, shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    block = GGML_QUANT_SIZES[qtype][0]
+    if int(shape[-1]) % block:
+        raise GGUFWriteError(f"{qtype.name} needs rows that are a multiple of {block}, got {shape[-1]}")
+    return type_bytes(qtype, n)
+
+
+def plan_tensors(cfg: Llama4Config, scheme: str, has_imatrix: bool = False) -> list[PlannedTensor]:
+    """Every tensor of the GGUF, in file order: rope_freqs (llama3 scaling only), then ours."""
+    plan: list[PlannedTensor] = []
+    if cfg.rope_scaling is not None or getattr(cfg, "rope_freq_factors", None) is not None:
+        plan.append(PlannedTensor(ROPE_FREQS, None, (cfg.head_dim // 2,), T.F32))
+    for spec in tensor_specs(cfg):
+        name, shape, E = spec.name, spec.full_shape, spec.num_experts
+        qt = tensor_type(scheme, name, cfg.num_layers, shape[-1], n_experts=cfg.num_experts, has_imatrix=has_imatrix)
+        plan.append(PlannedTensor(gguf_name(name), name, shape, qt, E))
+    return plan

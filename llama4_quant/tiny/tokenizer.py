@@ -32,24 +32,6 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-__all__ = [
-    "LLAMA4_SPLIT_PATTERN",
-    "LLAMA4_SPECIAL_TOKENS",
-    "DEFAULT_NUM_SPECIAL_TOKENS",
-    "MIN_NUM_SPECIAL_TOKENS",
-    "BOS_TOKEN",
-    "EOS_TOKEN",
-    "EOT_TOKEN",
-    "EOM_TOKEN",
-    "PAD_TOKEN",
-    "CHAT_TEMPLATE",
-    "TokenizerInfo",
-    "build_tokenizer",
-    "tokenizer_info",
-    "save_tokenizer_files",
-    "tiktoken_model_file",
-    "bytes_to_unicode",
-]
 
 # The vocabulary facts (split regex, special tokens, byte alphabet) live in llama4_quant/model/vocab.py.
 from ..model.vocab import (  # noqa: E402  (re-exported)

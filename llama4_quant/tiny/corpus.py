@@ -19,7 +19,6 @@ import functools
 import hashlib
 import random
 
-__all__ = ["generate_corpus", "corpus_splits", "SPLIT_SIZES"]
 
 # Characters per split returned by corpus_splits().
 SPLIT_SIZES: dict[str, int] = {"train": 1_500_000, "calib": 100_000, "test": 60_000}

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import gguf_quants as gq
-from .gguf_quants import QT
+from . import quants as gq
+from .quants import QT
 
 GRID_TYPES = (QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 

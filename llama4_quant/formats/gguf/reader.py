@@ -8,9 +8,11 @@ Tensors are decoded with gguf-py's dequantizers (bit-exact with ggml's reference
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,15 +20,12 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from ..errors import CheckpointError
-from ..model.checkpoint import CheckpointReader
-from ..model.config import Llama4Config
-from .gguf_mix import gguf_name
+from ...errors import CheckpointError
+from ...model.checkpoint import CheckpointReader
+from ...model.config import Llama4Config
+from .constants import ARCH, LLAMACPP_ATTN_SCALE, LLAMACPP_CHUNK, LLAMACPP_FLOOR_SCALE, LLAMACPP_NOPE_INTERVAL
+from .names import gguf_name
 
-LLAMACPP_CHUNK = 8192
-LLAMACPP_FLOOR_SCALE = 8192.0
-LLAMACPP_ATTN_SCALE = 0.1
-LLAMACPP_NOPE_INTERVAL = 4
 
 _SPLIT = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
 
@@ -91,8 +90,8 @@ class GGUFSource(CheckpointReader):
                 self.tensors[t.name] = (t, f)
         self.metadata = self.readers[0]
         arch = _field(self.metadata, "general.architecture")
-        if arch != "llama4":
-            raise CheckpointError(f"{self.path}: GGUF architecture is {arch!r}, not 'llama4'")
+        if arch != ARCH:
+            raise CheckpointError(f"{self.path}: GGUF architecture is {arch!r}, not {ARCH!r}")
         self.config = self._config()
 
     # -- metadata ---------------------------------------------------------------------
@@ -190,3 +189,46 @@ def open_gguf(path: str | Path, validate: bool = True) -> GGUFSource:
     if validate:
         src.validate()
     return src
+
+
+def describe_gguf(path: str | Path) -> dict[str, Any]:
+    """What `llama4-quant inspect FILE.gguf` shows: metadata summary, and every tensor's type and size."""
+    src = open_gguf(path, validate=False)
+    try:
+        infos = src.tensor_infos()
+        by_type: dict[str, dict[str, int]] = {}
+        total = 0
+        for t in infos:
+            e = by_type.setdefault(t.type, {"tensors": 0, "bytes": 0, "params": 0})
+            e["tensors"] += 1
+            e["bytes"] += t.n_bytes
+            e["params"] += int(np.prod(t.shape))
+            total += t.n_bytes
+        params = sum(int(np.prod(t.shape)) for t in infos)
+        keys = {}
+        for k in ("general.name", "general.file_type", "general.quantization_version", "general.quantized_by",
+                  "llama4.block_count", "llama4.embedding_length", "llama4.expert_count", "llama4.expert_used_count",
+                  "llama4.context_length", "llama4.vocab_size", "tokenizer.ggml.model", "tokenizer.ggml.pre"):
+            v = src.key(k)
+            if v is not None:
+                keys[k] = v
+        cfg = src.config
+        return {
+            "path": str(path),
+            "files": [str(f) for f in src.files],
+            "file_bytes": sum(os.path.getsize(f) for f in src.files),
+            "tensor_bytes": total,
+            "params": params,
+            "bits_per_weight": 8.0 * total / params if params else None,
+            "metadata": keys,
+            "llama_cpp_runs": {
+                "layers": cfg.num_layers, "experts": cfg.num_experts, "moe_layers": list(cfg.moe_layers),
+                "nope_layers": list(cfg.nope_layers), "attention_chunk_size": cfg.attention_chunk_size,
+                "qk_norm": cfg.use_qk_norm,
+            },
+            "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1]["bytes"])),
+            "tensors": [{"name": t.name, "type": t.type, "shape": list(t.shape), "bytes": t.n_bytes, "file": t.file}
+                        for t in infos],
+        }
+    finally:
+        src.close()

@@ -8,19 +8,8 @@ import json
 import pytest
 from tokenizers import Tokenizer
 
-from llama4_quant.testing.corpus import corpus_splits, generate_corpus
-from llama4_quant.testing.tokenizer import (
-    CHAT_TEMPLATE,
-    DEFAULT_NUM_SPECIAL_TOKENS,
-    LLAMA4_SPECIAL_TOKENS,
-    LLAMA4_SPLIT_PATTERN,
-    MIN_NUM_SPECIAL_TOKENS,
-    build_tokenizer,
-    bytes_to_unicode,
-    save_tokenizer_files,
-    tiktoken_model_file,
-    tokenizer_info,
-)
+from llama4_quant.tiny.corpus import corpus_splits, generate_corpus
+from llama4_quant.tiny.tokenizer import CHAT_TEMPLATE, DEFAULT_NUM_SPECIAL_TOKENS, LLAMA4_SPECIAL_TOKENS, LLAMA4_SPLIT_PATTERN, MIN_NUM_SPECIAL_TOKENS, build_tokenizer, bytes_to_unicode, save_tokenizer_files, tiktoken_model_file, tokenizer_info
 
 TRICKY = [
     "Hello world, I'm 12345 years old.",

@@ -1,0 +1,179 @@
+"""`run_convert(options)`: the one conversion flow, for every output format.
+
+    resolve MODEL (local or Hub) -> open the reader -> pick scheme and method -> refuse a bad OUT early
+    -> load calibration tokens once -> [importance pass] -> Pipeline.run with the format's exporter
+    -> the exporter publishes atomically -> summary (+ sidecar/manifest) -> [--verify: eval, recorded]
+
+A format is an exporter module that provides a `Format` (see `FORMATS`): its schemes, default scheme,
+methods, the options only it takes, and how to build its exporter. Adding one is one module plus one
+line in `FORMATS` (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import Llama4QuantError
+from .verify import VerifyOptions
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    model: str
+    out: str
+    to: str = "safetensors"
+    scheme: str | None = None  # None: the format's default
+    method: str = "auto"
+    calib: str | None = None
+    calib_samples: int = 128
+    calib_seqlen: int = 2048
+    seed: int = 0
+    tokenizer: str | None = None
+    # options that only some formats take: None means "not given" (see Format.options)
+    group_size: int | None = None
+    targets: tuple[str, ...] | None = None
+    ignore: tuple[str, ...] | None = None
+    observer: str | None = None
+    max_shard_size: int | None = None
+    split_max_size: int | None = None
+    imatrix_file: str | None = None
+    # the pipeline
+    moe_calibration: str = "routed"
+    min_expert_tokens: int = 16
+    act_order: bool = True
+    damp: float = 0.01
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 4
+    hessian_memory: int = 8 << 30
+    force: bool = False
+    name: str | None = None  # GGUF general.name (default: the model directory's name)
+    verify: VerifyOptions | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def formats() -> dict[str, Any]:
+    """--to NAME -> Format. The registry: one line per output format."""
+    from .gguf import GGUFFormat
+    from .safetensors import SafetensorsFormat
+
+    return {"safetensors": SafetensorsFormat(), "gguf": GGUFFormat()}
+
+
+FORMAT_NAMES = ("safetensors", "gguf")
+
+
+def scheme_names() -> dict[str, tuple[str, ...]]:
+    """Every scheme of every format (what --scheme accepts)."""
+    return {name: tuple(f.schemes) for name, f in formats().items()}
+
+
+def _option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_options(o: ConvertOptions, fmts: dict[str, Any]) -> tuple[Any, str]:
+    """The Format and scheme for `o`, or one error for an option or scheme that belongs to another format."""
+    if o.to not in fmts:
+        raise Llama4QuantError(f"unknown --to {o.to!r} (choose from {', '.join(fmts)})")
+    fmt = fmts[o.to]
+    for other_name, other in fmts.items():
+        if other_name == o.to:
+            continue
+        for opt in other.options:
+            if opt not in fmt.options and getattr(o, opt) not in (None, ()):
+                raise Llama4QuantError(f"{_option_flag(opt)} applies to --to {other_name} only")
+    scheme = o.scheme or fmt.default_scheme
+    if scheme not in fmt.schemes:
+        owner = [n for n, f in fmts.items() if scheme in f.schemes]
+        if owner:
+            raise Llama4QuantError(f"--scheme {scheme} needs --to {owner[0]}")
+        raise Llama4QuantError(f"unknown --scheme {scheme!r} for --to {o.to} (choose from {', '.join(fmt.schemes)})")
+    if o.method not in ("auto", *fmt.methods):
+        raise Llama4QuantError(f"--to {o.to}: --method must be one of {', '.join(fmt.methods)} or auto")
+    return fmt, scheme
+
+
+def _load_calibration(o: ConvertOptions, reader) -> tuple[Any, dict, list[int]]:
+    from ..calibration.dataset import load_calibration
+    from ..model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(o.tokenizer or reader.path, total_vocab=reader.config.vocab_size)
+    cs = load_calibration(o.calib, tok, o.calib_samples, o.calib_seqlen, o.seed)
+    return cs.tokens, cs.info, list(cs.heldout)
+
+
+def run_convert(o: ConvertOptions, progress=None, source=None) -> dict[str, Any]:
+    """Convert o.model into o.out; returns the `--json` summary (with "verification" under --verify)."""
+    from ..calibration.documents import CalibrationError
+    from ..hub.resolve import resolve_model
+    from ..model.checkpoint import open_checkpoint
+    from ..model.runner import resolve_device, resolve_dtype
+    from ..quant.gptq import GPTQConfig
+    from .pipeline import Pipeline, PipelineOptions
+
+    t0 = time.perf_counter()
+    fmt, scheme = check_options(o, formats())
+    method = fmt.resolve_method(scheme, o)
+    warnings: list[str] = list(fmt.option_warnings(scheme, o))
+    if o.verify is not None and o.verify.eval_data is None and not fmt.reads_calibration(method, o):
+        raise Llama4QuantError("--verify without calibration data needs --eval-data FILE (this method reads no "
+                               "calibration text)")
+    exporter = fmt.exporter(o, scheme, method)  # refuses an existing OUT before any expensive work
+    reader = source if source is not None else open_checkpoint(Path(resolve_model(o.model)))
+    src_dir, out_path = Path(reader.path).resolve(), Path(exporter.artifact).resolve()
+    if out_path == src_dir or out_path in src_dir.parents:
+        raise Llama4QuantError(f"OUT {o.out} is the source checkpoint or contains it: choose another path")
+
+    tokens = info = None
+    heldout: list[int] = []
+    if fmt.reads_calibration(method, o):
+        try:
+            tokens, info, heldout = _load_calibration(o, reader)
+            warnings += [f"calibration: {w}" for w in info.get("warnings", [])]
+        except (CalibrationError, Llama4QuantError) as e:
+            if method != "auto" or o.calib is not None:
+                raise
+            warnings.append(f"no calibration data ({e}); falling back to --method rtn")
+            method = "rtn"
+    elif o.calib is not None:
+        warnings.append(f"--method {method} uses no calibration data: --calib ignored")
+    method = fmt.final_method(method, scheme)
+
+    dev = resolve_device(o.device)
+    popts = PipelineOptions(method="gptq" if method == "gptq" else "rtn",
+                            gptq=GPTQConfig(damp=o.damp, act_order=o.act_order),
+                            moe_calibration=o.moe_calibration, min_expert_tokens=o.min_expert_tokens, device=dev,
+                            dtype=resolve_dtype(o.dtype, dev), batch_size=o.batch_size,
+                            hessian_budget_bytes=o.hessian_memory)
+    fmt.configure(exporter, o, method, info, is_hub_id=source is None and _is_hub_id(o.model))
+    pipe = Pipeline(reader, exporter, popts, progress)
+    pipe.warnings.extend(warnings)
+    if method == "imatrix":
+        exporter.prepare(reader)  # fail fast (tokenizer, destination) before the forward pass
+        if o.imatrix_file is not None:
+            from ..formats.gguf.imatrix import load_imatrix_file
+
+            exporter.imatrix = load_imatrix_file(o.imatrix_file, reader.config)
+            info = {"source": f"imatrix file {o.imatrix_file}"}
+        else:
+            exporter.imatrix = pipe.collect_importance(tokens)
+    manifest = pipe.run(tokens if method == "gptq" else None, info)
+    summary = exporter.summary(manifest, time.perf_counter() - t0)
+    if o.verify is not None:
+        from .verify import record_verification, verify_artifact
+
+        summary["verification"] = verify_artifact(o.model, summary["output"], o.verify, heldout=heldout,
+                                                  device=o.device, dtype=o.dtype, batch_size=o.batch_size,
+                                                  tokenizer=o.tokenizer)
+        record_verification(exporter.manifest_path(summary), summary["verification"])
+    return summary
+
+
+def _is_hub_id(model: str) -> bool:
+    return not Path(str(model)).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)) is not None
+
