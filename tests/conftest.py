@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))  # tests/support/ importable as `support`
+
 from llama4_quant.tiny.checkpoints import text_config, write_hf_checkpoint, write_meta_checkpoint
 
 VARIANTS = ("scout", "maverick", "chunked")
@@ -28,11 +30,17 @@ def tiny_checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
 
 
 @pytest.fixture(scope="session")
-def trained_model() -> Path:
-    """The tiny trained checkpoint (cached across runs under ~/.cache/llama4-quant)."""
-    from llama4_quant.tiny.trained import trained_checkpoint
+def trained_model(tmp_path_factory) -> Path:
+    """A copy of the shipped tiny trained checkpoint, with its corpus' calib.txt and test.txt beside the weights."""
+    import shutil
 
-    return trained_checkpoint()
+    from llama4_quant.tiny.trained import demo_texts, trained_checkpoint
+
+    out = tmp_path_factory.mktemp("trained") / "tiny-llama4"
+    shutil.copytree(trained_checkpoint(), out)
+    for name, text in demo_texts().items():
+        (out / f"{name}.txt").write_text(text)
+    return out
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -166,6 +166,8 @@ def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seql
         emit_json(summary)
     else:
         echo_summary(summary)
+    for w in summary["warnings"]:
+        click.echo(f"warning: {w}", err=True)
     if verify and not summary["verification"]["passed"]:
         raise SystemExit(GATE_FAILED_EXIT)
 
@@ -184,8 +186,6 @@ def echo_summary(summary: dict) -> None:
     t = summary.get("tokens_per_expert")
     if t:
         click.echo(f"tokens per expert: min {t['min']}, max {t['max']}, {t['zero_token_experts']} expert(s) with none")
-    for w in summary["warnings"]:
-        click.echo(f"warning: {w}", err=True)
     if "verification" in summary:
         echo_verification(summary["verification"])
 

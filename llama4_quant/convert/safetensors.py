@@ -48,8 +48,10 @@ from .pipeline import Selection
 
 MANIFEST = "llama4-quant.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1000**3
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".ckpt")
-_SKIP_FILES = {"config.json", INDEX, MANIFEST, "params.json", "pytorch_model.bin.index.json"}
+# files a checkpoint carries besides weights and config that belong with the quantized model
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+              "generation_config.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+              "processor_config.json")
 
 _ST_DTYPES = {
     torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
@@ -331,15 +333,14 @@ class SafetensorsExporter:
         return config
 
     def _copy_side_files(self) -> list[str]:
+        """The source's tokenizer, chat template, generation and processor configs and license texts; nothing else
+        (weights, indexes and configs are written anew, and unknown files are not ours to publish)."""
         src = Path(self.source.path)
         copied = []
         for p in sorted(src.iterdir()):
-            if not p.is_file() or p.name.startswith(".") or p.name in _SKIP_FILES or p.suffix in _WEIGHT_SUFFIXES:
-                continue
-            if p.name.startswith("consolidated.") or p.name == "DONE":
-                continue
-            shutil.copy2(p, self.tmp / p.name)
-            copied.append(p.name)
+            if p.is_file() and (p.name in SIDE_FILES or p.name.upper().startswith(("LICENSE", "USE_POLICY"))):
+                shutil.copy2(p, self.tmp / p.name)
+                copied.append(p.name)
         if "tokenizer.json" not in copied:
             self.warnings.append("the source has no tokenizer.json: copy a tokenizer into the output before serving it")
         return copied

@@ -423,6 +423,7 @@ def generate_corpus(n_chars: int, seed: int = 0) -> str:
 
 
 def _split_seed(split: str, seed: int) -> int:
+    # the seed string names the module where the corpus was first defined; kept so the corpus stays identical
     digest = hashlib.sha256(f"llama4_quant.testing.corpus/{split}/{seed}".encode()).digest()
     return int.from_bytes(digest[:8], "little")
 

@@ -1,8 +1,10 @@
-"""A tiny Llama 4 *trained* on the repo's own corpus, so quantization tests measure something real.
+"""A tiny Llama 4 *trained* on the repo's own corpus, so the demo and the quality tests measure something real.
 
-Trained with our own forward pass (autograd through the same functions eval uses), then written in
-the HF multimodal layout with a real tokenizer. Dimensions are multiples of 256 so GGUF k-quants
-apply without fallbacks. Built once and cached (see `cache_dir`)."""
+Trained with our own forward pass (autograd through the same functions eval uses), then written in the HF
+multimodal layout with a real tokenizer. Dimensions are multiples of 256 so GGUF k-quants apply without
+fallbacks. It ships with the package (llama4_quant/data/tiny-llama4, ~10 MB of bf16, with its recipe and
+sha256 in recipe.json), so every machine uses the same weights; `python scripts/build_tiny_model.py` retrains
+it (about a minute on 2 cores)."""
 
 from __future__ import annotations
 
@@ -26,14 +28,6 @@ from .tokenizer import build_tokenizer, save_tokenizer_files
 RECIPE = dict(bpe_vocab=384, hidden_size=256, intermediate_size=256, intermediate_size_mlp=512, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=4, seq=128, batch=12,
               steps=200, lr=3e-3, seed=0, variant="scout", version=1)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LLAMA4_QUANT_CACHE", Path.home() / ".cache" / "llama4-quant"))
-
-
-def _recipe_key(recipe: dict) -> str:
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def train_tiny(recipe: dict = RECIPE, log=None) -> tuple[dict, dict, object]:
@@ -81,25 +75,44 @@ def train_tiny(recipe: dict = RECIPE, log=None) -> tuple[dict, dict, object]:
     return tc, {n: p.detach() for n, p in params.items()}, tok
 
 
-def trained_checkpoint(recipe: dict = RECIPE, log=None) -> Path:
-    """Path of the cached trained checkpoint (HF multimodal layout + tokenizer files), built if absent."""
-    out = cache_dir() / "fixtures" / f"trained-{_recipe_key(recipe)}"
-    if (out / "DONE").exists():
-        return out
+MODEL_DIR = Path(__file__).resolve().parents[1] / "data" / "tiny-llama4"
+RECIPE_FILE = "recipe.json"
+WEIGHT_FILES = ("model-00001-of-00001.safetensors",)
+
+
+def trained_checkpoint() -> Path:
+    """The shipped tiny trained Llama 4 (HF multimodal layout + tokenizer), checked against its recipe's sha256."""
+    rec = MODEL_DIR / RECIPE_FILE
+    if not rec.is_file():
+        raise FileNotFoundError(f"{MODEL_DIR}: the shipped tiny model is missing (rebuild: python scripts/build_tiny_model.py)")
+    return MODEL_DIR
+
+
+def demo_texts(seed: int = RECIPE["seed"]) -> dict[str, str]:
+    """The calibration and held-out test text of the tiny model's corpus (deterministic, generated in ~0.1 s)."""
+    splits = corpus_splits(seed)
+    return {"calib": splits["calib"], "test": splits["test"]}
+
+
+def build(out: Path = MODEL_DIR, recipe: dict = RECIPE, log=None) -> dict:
+    """Train with `recipe` and write the checkpoint into `out` (atomically replaced); returns recipe.json's content."""
+    t0 = time.time()
     tc, tensors, tok = train_tiny(recipe, log)
-    tmp = Path(tempfile.mkdtemp(prefix="trained-", dir=out.parent if out.parent.exists() else None))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
     try:
-        write_hf_checkpoint(tmp, tc, fn=lambda name, shape: tensors[name])
+        write_hf_checkpoint(tmp, tc, fn=lambda name, shape: tensors[name], max_shard_bytes=1 << 40)
         save_tokenizer_files(tok, tmp, instruct=True)
-        splits = corpus_splits(recipe["seed"])
-        (tmp / "calib.txt").write_text(splits["calib"])
-        (tmp / "test.txt").write_text(splits["test"])
-        (tmp / "DONE").write_text(json.dumps(recipe))
-        out.parent.mkdir(parents=True, exist_ok=True)
+        info = {"recipe": recipe, "torch": torch.__version__, "train_seconds": round(time.time() - t0, 1),
+                "sha256": {f: hashlib.sha256((tmp / f).read_bytes()).hexdigest() for f in WEIGHT_FILES}}
+        (tmp / RECIPE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return info

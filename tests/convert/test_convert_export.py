@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from llama4_quant.cli.convert_cmd import run_convert
+from support.convert import safetensors as run_convert
 from llama4_quant.convert.pipeline import Pipeline, PipelineOptions, Selection
 from llama4_quant.model.tensors import tensor_specs
 from llama4_quant.formats.compressed_tensors.reader import QuantizedSource
@@ -32,7 +32,7 @@ def _convert(src: Path, out: Path, **kw):
     kw.setdefault("calib_samples", 6)
     kw.setdefault("calib_seqlen", 64)
     kw.setdefault("device", "cpu")
-    return run_convert(str(src), str(out), progress=False, **kw)
+    return run_convert(str(src), str(out), **kw)
 
 
 def _stored(out: Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llama4_quant import __version__
-from llama4_quant.cli.convert_cmd import run_convert
+from support.convert import safetensors as run_convert
 from llama4_quant.formats.compressed_tensors.reader import QuantizedSource
 
 
@@ -58,8 +58,7 @@ def test_json_summary_and_manifest_hashes(cli, tiny_mm, tmp_path):
 def test_expert_without_tokens(dead_expert_model, tmp_path, mode):
     out = tmp_path / mode
     manifest, summary = run_convert(str(dead_expert_model), str(out), calib=str(dead_expert_model / "calib.txt"),
-                                    calib_samples=6, calib_seqlen=64, moe_calibration=mode, device="cpu",
-                                    progress=False)
+                                    calib_samples=6, calib_seqlen=64, moe_calibration=mode, device="cpu",)
     for layer in manifest["layers"]:
         assert layer["tokens_per_expert"][3] == 0 and layer["zero_token_experts"] == [3]
     assert summary["tokens_per_expert"]["zero_token_experts"] == 2

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama4_quant.cli.convert_cmd import run_convert
+from support.convert import safetensors as run_convert
 from llama4_quant.formats.compressed_tensors.reader import QuantizedSource
 from llama4_quant.eval.evaluate import score_chunks
 from llama4_quant.eval.perplexity import make_chunks
@@ -50,7 +50,7 @@ def results(trained_model, reference, tmp_path_factory):
     out = {}
     for name, kw in runs.items():
         run_convert(str(trained_model), str(root / name), calib=str(trained_model / "calib.txt"), calib_samples=32,
-                    calib_seqlen=256, device="cpu", progress=False, **kw)
+                    calib_seqlen=256, device="cpu", **kw)
         out[name] = _score(QuantizedSource(root / name), reference)
     return out
 

@@ -18,7 +18,9 @@ from llama4_quant.eval.compare import compare_models
 from llama4_quant.eval.evaluate import score_chunks
 from llama4_quant.eval.perplexity import make_chunks
 from llama4_quant.formats.gguf import quants as gq
-from llama4_quant.convert.gguf import collect_imatrix, load_imatrix_file, run_gguf_convert
+from llama4_quant.convert.pipeline import Pipeline
+from llama4_quant.formats.gguf.imatrix import load_imatrix_file
+from support.convert import gguf as run_gguf_convert
 from llama4_quant.formats.gguf.names import canonical_name
 from llama4_quant.formats.gguf.reader import open_gguf
 from llama4_quant.model.checkpoint import open_checkpoint
@@ -206,7 +208,7 @@ def test_imatrix_statistic_and_quantization_match_llamacpp(runs, trained_model, 
     ids = tok.encode((trained_model / "calib.txt").read_text())
     tokens = torch.tensor([ids[k * ctx:(k + 1) * ctx] for k in range(24)])
     tokens[:, 0] = tok.bos_id  # llama-imatrix's chunks, as llama-perplexity's: BOS first
-    ours = collect_imatrix(src, tokens)
+    ours = Pipeline(src, None).collect_importance(tokens)
     assert set(theirs.sums) <= set(ours.sums)
     for k, s in theirs.sums.items():
         c_ours, c_theirs = ours.counts[k].double(), theirs.counts[k].double()

@@ -35,10 +35,6 @@ def hub(tmp_path, monkeypatch):
         assert h.escaped == []
 
 
-def test_importable_from_both_modules():
-    assert dl.resolve_model is resolve_model  # commands import it from llama4_quant.hub.download
-
-
 def test_local_paths_are_returned_as_is(tmp_path, monkeypatch, no_network):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def peak_anon_mb(*args: str) -> float:
-    proc = subprocess.run([sys.executable, "-m", "llama4_quant.testing.memwatch", *args], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "support" / "memwatch.py"), *args], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     return int(re.search(r"PEAK_ANON_KB (\d+)", proc.stderr).group(1)) / 1024
 

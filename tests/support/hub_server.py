@@ -705,7 +705,7 @@ def sample_llama4_repo(big_shard_size: int = 0, seed: int = 0) -> dict[str, byte
 
     ``big_shard_size`` > 0 makes the second shard that many bytes (pass > 10 MiB to exercise huggingface_hub's
     resume-with-Range path, which only kicks in after its first 10 MiB chunk). The contents are placeholders, not a
-    loadable model; use `llama4_quant.testing.checkpoints` for real tensors.
+    loadable model; use `llama4_quant.tiny.checkpoints` for real tensors.
     """
     import random
 

@@ -2,7 +2,7 @@
 
 File-backed pages of memory-mapped checkpoints are reclaimable page cache and would make plain peak RSS
 grow with every tensor touched; what must stay bounded is the memory the process itself allocates.
-Usage: python -m llama4_quant.testing.memwatch ARGS...  -> prints `PEAK_ANON_KB <n>` on stderr at exit.
+Usage: python tests/support/memwatch.py ARGS...  -> prints `PEAK_ANON_KB <n>` on stderr at exit.
 """
 
 from __future__ import annotations

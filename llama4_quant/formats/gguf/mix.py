@@ -1,7 +1,7 @@
 """GGUF tensor names for Llama 4 and the per-tensor type rule of each GGUF scheme ("mix").
 
 The rule is llama.cpp's `llama_tensor_get_type` (src/llama-quant.cpp, the commit pinned in
-testing/llamacpp.py) restricted to our schemes, so that sizes and quality compare like for like with
+tests/support/llamacpp.py) restricted to our schemes, so that sizes and quality compare like for like with
 `llama-quantize` (docs/gguf.md explains each case):
 
 - norms, `ffn_gate_inp` (router) and `rope_freqs`: F32, always (1-D tensors and routers are never

@@ -19,15 +19,16 @@ from gguf import GGUFReader
 
 from llama4_quant.errors import Llama4QuantError
 from llama4_quant.formats.gguf import quants as gq
-from llama4_quant.convert.gguf import run_gguf_convert
+from support.convert import gguf as run_gguf_convert
 from llama4_quant.formats.gguf.grid import BlockGrid, pack_result
 from llama4_quant.formats.gguf.mix import FILE_TYPE, more_bits, tensor_type
 from llama4_quant.formats.gguf.names import canonical_name, gguf_name
 from llama4_quant.formats.gguf.writer import GGUFFileWriter
-from llama4_quant.formats.gguf.mix import PlannedTensor, canonical_shapes
+from llama4_quant.formats.gguf.mix import PlannedTensor
 from llama4_quant.formats.gguf.metadata import compat_warning, llamacpp_differences, rope_freqs_tensor
 from llama4_quant.model.checkpoint import open_checkpoint
 from llama4_quant.model.config import from_hf_dict, rope_freq_factors
+from llama4_quant.model.tensors import tensor_specs
 from llama4_quant.tiny.checkpoints import hf_config, text_config, write_hf_checkpoint, write_meta_checkpoint
 
 DIMS = dict(hidden_size=256, intermediate_size=256, intermediate_size_mlp=512, head_dim=64, num_attention_heads=4,
@@ -171,7 +172,7 @@ def test_file_reads_back_with_every_key_and_tensor(models, tmp_path, variant, sc
     assert "tokenizer.chat_template" in f
     # tensors: exactly the planned ones, llama.cpp's names, shapes (ne reversed) and types
     tensors = {t.name: t for t in r.tensors}
-    expect = {gguf_name(n): (s, n) for n, s, _ in canonical_shapes(cfg)}
+    expect = {gguf_name(t.name): (t.full_shape, t.name) for t in tensor_specs(cfg)}
     if cfg.rope_scaling is not None:
         expect["rope_freqs.weight"] = ((cfg.head_dim // 2,), None)
     assert set(tensors) == set(expect)
@@ -394,7 +395,7 @@ def _no_output(d: Path, stem: str) -> None:
 
 
 def test_failure_mid_write_leaves_nothing(models, tmp_path, monkeypatch):
-    import llama4_quant.formats.gguf_convert as gc
+    import llama4_quant.convert.gguf as gc
 
     calls = {"n": 0}
     real = gc.encode
@@ -427,7 +428,7 @@ def test_writer_refuses_incomplete_or_wrong_data(tmp_path):
 def test_full_disk_is_refused_before_writing(models, tmp_path, monkeypatch):
     import shutil as sh
 
-    import llama4_quant.formats.gguf_write as gw
+    import llama4_quant.formats.gguf.writer as gw
 
     monkeypatch.setattr(gw.shutil, "disk_usage", lambda p: sh._ntuple_diskusage(10 << 30, 10 << 30, 1000))
     with pytest.raises(Llama4QuantError, match="GiB free"):
