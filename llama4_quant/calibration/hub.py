@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..fsutil import sha256_file
+from ..hub.errors import classify, http_status
 from .documents import CalibrationError, pyarrow_available
 
 MAX_FILES = 8
@@ -88,41 +89,28 @@ def _offline_message(spec: HubSpec, why: str) -> str:
 def _hub_error(spec: HubSpec, exc: BaseException) -> tuple[CalibrationError, bool] | None:
     """(one-line error, whether a cached copy may stand in) for huggingface_hub / network exceptions;
     None when `exc` is none of those."""
-    from huggingface_hub import errors as E
-
-    if isinstance(exc, E.GatedRepoError):
+    kind = classify(exc)
+    if kind == "gated":
         msg = f"calibration dataset {spec.repo_id} is gated: accept its terms on the Hub and log in (`hf auth login`)"
         return CalibrationError(msg), False
-    if isinstance(exc, E.RevisionNotFoundError):
+    if kind == "revision":
         return CalibrationError(f"calibration dataset {spec.repo_id} has no revision {spec.revision!r}"), False
-    if isinstance(exc, E.LocalEntryNotFoundError):
-        return CalibrationError(_offline_message(spec, "the Hub is unreachable")), True
-    if isinstance(exc, (E.RemoteEntryNotFoundError, E.EntryNotFoundError)):
+    if kind == "entry":
         return CalibrationError(f"calibration dataset {spec}: file not found on the Hub"), False
-    if isinstance(exc, E.RepositoryNotFoundError):
+    if kind in ("repo", "disabled"):
         msg = f"calibration dataset {spec.repo_id} not found on the Hub (private? log in with `hf auth login`)"
         return CalibrationError(msg), False
-    if isinstance(exc, E.HFValidationError):
+    if kind == "invalid":
         return CalibrationError(f"{spec.repo_id!r} is neither a local file nor a Hub dataset id (org/name)"), False
-    if isinstance(exc, E.OfflineModeIsEnabled):
+    if kind == "offline":
         return CalibrationError(_offline_message(spec, "HF_HUB_OFFLINE is set")), True
-    if isinstance(exc, E.HfHubHTTPError):
-        status = getattr(getattr(exc, "response", None), "status_code", "?")
+    if kind == "http":
+        status = http_status(exc) or "?"
         return CalibrationError(f"the Hub answered HTTP {status} for calibration dataset {spec}"), status in (500, 502, 503, 504)
-    if _is_network_error(exc):
-        return CalibrationError(_offline_message(spec, f"the Hub is unreachable: {type(exc).__name__}")), True
+    if kind == "network":
+        why = "the Hub is unreachable" + ("" if type(exc).__name__ == "LocalEntryNotFoundError" else f": {type(exc).__name__}")
+        return CalibrationError(_offline_message(spec, why)), True
     return None
-
-
-def _is_network_error(exc: BaseException) -> bool:
-    for modname in ("httpx2", "httpx"):
-        try:
-            mod = __import__(modname)
-        except ImportError:
-            continue
-        if isinstance(exc, getattr(mod, "TransportError", ())):
-            return True
-    return isinstance(exc, (ConnectionError, TimeoutError))
 
 
 def fetch_dataset(spec: HubSpec, expected_sha256: dict[str, str] | None = None) -> FetchedDataset:

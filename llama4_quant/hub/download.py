@@ -39,6 +39,8 @@ from .errors import (
     HubError,
     HubNetworkError,
     RepoNotFoundError,
+    classify,
+    http_status,
 )
 from .layout import LAYOUTS, select_files
 
@@ -502,44 +504,27 @@ def translate_hub_error(
     exc: BaseException, repo_id: str, revision: str, endpoint: str, path: str | None = None
 ) -> HubError | None:
     """The one-line error for an exception from huggingface_hub / httpx, or None if it is not a Hub problem."""
-    try:
-        import httpx2 as httpx  # huggingface_hub 2.x
-    except ImportError:  # pragma: no cover - older huggingface_hub
-        import httpx  # type: ignore[no-redef]
-    from huggingface_hub.errors import (
-        DisabledRepoError,
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     what = f" ({path})" if path else ""
-    status = None
-    response = getattr(exc, "response", None)
-    if response is not None:
-        status = getattr(response, "status_code", None)
-
-    if isinstance(exc, GatedRepoError):
+    status = http_status(exc)
+    kind = classify(exc)
+    if kind == "gated":
         return GatedRepoAccessError(_gated_message(repo_id, status))
-    if isinstance(exc, RevisionNotFoundError):
+    if kind == "revision":
         return RepoNotFoundError(f"revision {revision!r} not found in {repo_id} (expected a branch, tag or commit)")
-    if isinstance(exc, RemoteEntryNotFoundError):
+    if kind == "entry":
         return RepoNotFoundError(f"file {path or '?'} not found in {repo_id} at revision {revision!r}")
-    if isinstance(exc, DisabledRepoError):
+    if kind == "disabled":
         return RepoNotFoundError(f"{repo_id} has been disabled on the Hub")
-    if isinstance(exc, RepositoryNotFoundError):
+    if kind == "repo":
         return RepoNotFoundError(
             f"repository {repo_id} not found on {endpoint} (HTTP {status}); check the name, and if it is private "
             "pass a token via --token, HF_TOKEN or `hf auth login`"
         )
-    if isinstance(exc, HFValidationError):
+    if kind == "invalid":
         return RepoNotFoundError(f"{repo_id!r} is not a valid Hub repo id (expected org/name): {_one_line(exc, 120)}")
-    if isinstance(exc, HfHubHTTPError):
+    if kind == "http":
         if status == 401:
             return GatedRepoAccessError(
                 f"the Hub refused the token for {repo_id} (HTTP 401); pass a valid token via --token, HF_TOKEN or "
@@ -551,9 +536,9 @@ def translate_hub_error(
             f"the Hub answered HTTP {status} for {repo_id}{what}; finished files are kept, rerun the same command "
             "to resume"
         )
-    if isinstance(exc, OfflineModeIsEnabled):
+    if kind == "offline":
         return HubNetworkError(f"HF_HUB_OFFLINE is set and {repo_id} is not fully downloaded yet{what}")
-    if isinstance(exc, (httpx.TransportError, LocalEntryNotFoundError)):
+    if kind == "network":
         cause = exc
         while isinstance(cause, LocalEntryNotFoundError) and cause.__cause__ is not None:
             cause = cause.__cause__
@@ -567,7 +552,7 @@ def translate_hub_error(
             f"network failure talking to {endpoint}{what}: {reason}: {detail}; finished files are kept, rerun the "
             "same command to resume"
         )
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if kind == "disk":
         return DiskSpaceError(f"no space left on device while writing {path or 'the download'}")
     from huggingface_hub.errors import FileMetadataError
 

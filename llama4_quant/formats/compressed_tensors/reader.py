@@ -1,4 +1,4 @@
-"""Read a compressed-tensors output of `convert` back as a WeightSource of dequantized canonical tensors.
+"""Read a compressed-tensors output of `convert` back as a CheckpointReader of dequantized canonical tensors.
 
 Our own dequantization, (code - zero_point) * scale rounded to the model dtype, which is what compressed-tensors
 decompresses to; lets the layer-wise runner (eval, tests) score the quantized model exactly as exported.
@@ -12,13 +12,12 @@ from pathlib import Path
 
 import torch
 
-
 from ...errors import CheckpointError
-from .tensors import INDEX, read_linear_tensors, torch_dtype
-from ...model.tensors import expected_shapes
+from ...model.checkpoint import CheckpointReader
 from ...model.config import load_config
 from ...model.hf_reader import open_safetensors, to_hf_name
 from ...quant.scheme import FP8Scheme, IntScheme, Scheme
+from .tensors import INDEX, read_linear_tensors, torch_dtype
 
 
 def scheme_from_weight_args(w: dict) -> Scheme:
@@ -31,14 +30,20 @@ def scheme_from_weight_args(w: dict) -> Scheme:
     return IntScheme(int(w["num_bits"]), bool(w.get("symmetric", True)), group)
 
 
+_EXPERTS = re.compile(r"^layers\.(\d+)\.experts\.(gate|up|down)$")
+
+
 def _matches(name: str, pattern: str) -> bool:
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
     return name == pattern
 
 
-class QuantizedSource:
-    """WeightSource (read / read_expert / config) over a converted model directory."""
+class QuantizedSource(CheckpointReader):
+    """A converted model directory as a CheckpointReader: the shared validate (every tensor the config implies,
+    with its shape) and NaN/inf checks apply; quantized Linears read back dequantized."""
+
+    layout = "compressed-tensors"
 
     def __init__(self, path: str | Path, dtype: torch.dtype | None = None):
         """dtype: what quantized weights dequantize to (default: the model dtype, as compressed-tensors does)."""
@@ -75,20 +80,6 @@ class QuantizedSource:
         """Drop the memory maps of the shards read so far (reopened lazily)."""
         self._files.clear()
 
-    def validate(self) -> None:
-        """Every Linear and norm the config implies is present (plain or quantized) with the right shape."""
-        for name, shape in expected_shapes(self.config).items():
-            m = re.match(r"^layers\.(\d+)\.experts\.(gate|up|down)$", name)
-            modules = ([f"{self.prefix}layers.{m.group(1)}.feed_forward.experts.{e}.{m.group(2)}_proj"
-                        for e in range(self.config.num_experts)] if m else [to_hf_name(name, self.prefix, self.head).removesuffix(".weight")])
-            want = shape[1:] if m else shape
-            for module in modules:
-                got = self._module_shape(module)
-                if got is None:
-                    raise CheckpointError(f"{self.path}: missing tensor {module}.weight (or its quantized form)")
-                if tuple(got) != tuple(want):
-                    raise CheckpointError(f"{self.path}: {module} has shape {list(got)}, config implies {list(want)}")
-
     def _module_shape(self, module: str) -> tuple[int, ...] | None:
         if module + ".weight_shape" in self.weight_map:
             return tuple(int(v) for v in self._raw(module + ".weight_shape").tolist())
@@ -116,16 +107,46 @@ class QuantizedSource:
         tensors = {k: self._raw(f"{module}.{k}") for k in keys if f"{module}.{k}" in self.weight_map}
         return read_linear_tensors(tensors, scheme).dequantize(self.dtype)
 
-    def read(self, name: str) -> torch.Tensor:
-        if name == "output" and self.config.tie_word_embeddings:
-            name = "tok_embeddings"
-        m = re.match(r"^layers\.(\d+)\.experts\.(gate|up|down)$", name)
+    # -- CheckpointReader ------------------------------------------------------------------------------------------
+    def _expert_modules(self, name: str) -> list[str] | None:
+        m = _EXPERTS.match(name)
+        if not m:
+            return None
+        return [self._expert_module(int(m.group(1)), m.group(2), e) for e in range(self.config.num_experts)]
+
+    def _expert_module(self, layer: int, kind: str, e: int) -> str:
+        return f"{self.prefix}layers.{layer}.feed_forward.experts.{e}.{kind}_proj"
+
+    def describe(self, name: str) -> str:
+        mods = self._expert_modules(name)
+        return f"{mods[0]} (and the other experts)" if mods else to_hf_name(name, self.prefix, self.head)
+
+    def _has(self, name: str) -> bool:
+        mods = self._expert_modules(name)
+        if mods:
+            return all(self._module_shape(m) is not None for m in mods)
+        hf = to_hf_name(name, self.prefix, self.head)
+        return hf in self.weight_map or self._module_shape(hf.removesuffix(".weight")) is not None
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        mods = self._expert_modules(name)
+        if mods:
+            shapes = {self._module_shape(m) for m in mods}
+            if len(shapes) != 1:
+                raise CheckpointError(f"{self.path}: the experts of {mods[0]} differ in shape: {sorted(shapes)}")
+            return (len(mods), *shapes.pop())
+        hf = to_hf_name(name, self.prefix, self.head)
+        got = self._module_shape(hf.removesuffix(".weight")) if hf.endswith(".weight") else None
+        return got if got is not None else tuple(self._handle(self.weight_map[hf]).get_slice(hf).get_shape())
+
+    def _read(self, name: str) -> torch.Tensor:
+        m = _EXPERTS.match(name)
         if m:
-            return torch.stack([self.read_expert(int(m.group(1)), m.group(2), e) for e in range(self.config.num_experts)])
+            return torch.stack([self._read_expert(int(m.group(1)), m.group(2), e) for e in range(self.config.num_experts)])
         hf = to_hf_name(name, self.prefix, self.head)
         if hf.endswith(".weight"):
             return self.read_module(hf.removesuffix(".weight"))  # plain, or stored quantized
         return self._raw(hf)
 
-    def read_expert(self, layer: int, kind: str, e: int) -> torch.Tensor:
-        return self.read_module(f"{self.prefix}layers.{layer}.feed_forward.experts.{e}.{kind}_proj")
+    def _read_expert(self, layer: int, kind: str, e: int) -> torch.Tensor:
+        return self.read_module(self._expert_module(layer, kind, e))
