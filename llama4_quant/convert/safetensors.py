@@ -47,6 +47,8 @@ from ..model.tensors import TensorSpec
 from .pipeline import Selection
 
 MANIFEST = "llama4-quant.json"
+# the text model's module prefix in either layout (see SafetensorsExporter.ignore_list)
+_ANY_PREFIX = r"(language_model\.)?model\."
 DEFAULT_MAX_SHARD_BYTES = 2 * 1000**3
 # files a checkpoint carries besides weights and config that belong with the quantized model
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -303,19 +305,32 @@ class SafetensorsExporter:
 
     # -- finishing ---------------------------------------------------------------------------------------------------
     def ignore_list(self) -> list[str]:
+        """compressed-tensors `ignore` entries for every Linear left unquantized, as `re:` patterns that match both
+        module layouts a loader may build: `language_model.model.layers.N...` (Llama4ForConditionalGeneration)
+        and `model.layers.N...` (AutoModelForCausalLM -> Llama4ForCausalLM). A role kept whole in every layer
+        (attention, router) gets one pattern, as llm-compressor's Llama 4 checkpoints have it."""
+        kept = [spec for spec, grid in self.plan if grid is None and spec.is_linear]
+        all_layers = {spec.role: spec for spec, _ in self.plan if spec.is_linear}
         ign: list[str] = []
-        cfg = self.source.config
-        esc = re.escape(self.prefix)
-        for spec, grid in self.plan:
-            if grid is not None or not spec.is_linear:
+        whole = {role for role in ("attn", "router")
+                 if role in all_layers and all(g is None for sp, g in self.plan if sp.role == role)}
+        if "attn" in whole:
+            ign.append("re:.*self_attn\\.(q|k|v|o)_proj$")
+        if "router" in whole:
+            ign.append("re:.*feed_forward\\.router$")
+        for spec in kept:
+            if spec.role in whole:
                 continue
-            if spec.num_experts:
+            if spec.role == "head":
+                ign.append("re:.*lm_head$")
+            elif spec.num_experts:
                 if spec.local == "experts.gate":
-                    ign.append(f"re:{esc}layers\\.{spec.layer}\\.feed_forward\\.experts($|\\.)")
+                    ign.append(f"re:{_ANY_PREFIX}layers\\.{spec.layer}\\.feed_forward\\.experts($|\\.)")
             else:
-                ign.append(self.module_name(spec.name))
-        if cfg.tie_word_embeddings:
-            ign.append(self.head.removesuffix(".weight"))
+                local = self.module_name(spec.name).removeprefix(self.prefix)
+                ign.append(f"re:{_ANY_PREFIX}{re.escape(local)}$")
+        if self.source.config.tie_word_embeddings and "re:.*lm_head$" not in ign:
+            ign.append("re:.*lm_head$")
         if self.vision:
             ign += ["re:vision_model.*", "re:multi_modal_projector.*"]
         return ign

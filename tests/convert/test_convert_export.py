@@ -103,11 +103,48 @@ def test_compressed_tensors_decompresses_bit_exact(outputs, tiny_mm, scheme):
             assert torch.equal(v, src.read_raw(k)), k
     assert any(k.startswith("vision_model.") for k in stored)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert "re:vision_model.*" in qc["ignore"] and "language_model.lm_head" in qc["ignore"]
-    assert "language_model.model.layers.0.feed_forward.router" in qc["ignore"]
+    assert "re:vision_model.*" in qc["ignore"] and "re:.*lm_head$" in qc["ignore"]
+    assert "re:.*feed_forward\\.router$" in qc["ignore"] and "re:.*self_attn\\.(q|k|v|o)_proj$" in qc["ignore"]
     assert qc["format"] == ("float-quantized" if scheme.startswith("fp8") else "pack-quantized")
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "llama4-quant.json"):
         assert (out / f).exists(), f
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("loader", ["AutoModelForCausalLM", "Llama4ForConditionalGeneration"])
+def test_transformers_loads_every_scheme_both_ways(outputs, scheme, loader):
+    """Unmodified artifacts load in both transformers layouts with no missing, unexpected or newly initialised
+    keys, and compute what our reader's dequantized weights compute (the fp8 schemes also quantize activations
+    at run time, so they are held to a looser bound)."""
+    transformers = pytest.importorskip("transformers")
+    if scheme == "w4a16-asym":
+        pytest.xfail("transformers 5.23 registers weight_zero_point unpacked ([out, groups]) while compressed-tensors "
+                     "0.20 stores it packed along out ([out*bits/32, groups], which its own decompressor reads, "
+                     "see test_compressed_tensors_decompresses_bit_exact): the load reports a size mismatch")
+    out, _ = outputs[scheme]
+    model, info = getattr(transformers, loader).from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    if loader == "AutoModelForCausalLM":  # the text model: the vision tower is the only thing it leaves out
+        info["unexpected_keys"] = {k for k in info["unexpected_keys"]
+                                   if not k.startswith(("vision_model.", "multi_modal_projector."))}
+    assert not any(info.values()), info
+    ids = torch.tensor([[320, 5, 17, 40, 99, 3, 250, 12, 7, 61, 200, 31]])
+    with torch.no_grad():
+        theirs = model(input_ids=ids).logits[0].float()
+    ours = []
+    LayerwiseRunner(QuantizedSource(out, dtype=torch.float32), "cpu", torch.float32, 1).logits(
+        ids, lambda k, lg: ours.append(lg))
+    ours = ours[0].reshape(theirs.shape)
+    err = float((ours - theirs).abs().max() / ours.abs().max())
+    dynamic = scheme.startswith("fp8")  # the runtime also rounds activations to fp8 (per token / per 128-group)
+    assert err < (0.08 if dynamic else 2e-3), (scheme, loader, err)
+    if not dynamic:
+        assert torch.equal(ours.argmax(-1), theirs.argmax(-1)), (scheme, loader)
+    # what the runtime decompressed is what our reader dequantizes, bit for bit
+    src = QuantizedSource(out, dtype=torch.float32)
+    lm = model.language_model.model if loader != "AutoModelForCausalLM" else model.model
+    ff = lm.layers[1].feed_forward
+    assert torch.equal(ff.experts[2].down_proj.weight.data.float(), src.read_expert(1, "down", 2))
+    assert torch.equal(ff.shared_expert.gate_proj.weight.data.float(), src.read("layers.1.shared.gate"))
 
 
 @pytest.mark.parametrize("scheme", ["w4a16", "fp8-block"])
@@ -143,8 +180,10 @@ def test_text_only_dense_layers_and_targets(tiny_dense, tmp_path):
     assert "model.layers.1.self_attn.o_proj.weight" in stored  # --ignore by canonical name
     assert "model.layers.1.feed_forward.shared_expert.up_proj.weight" in stored  # shared not targeted
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert "model.layers.1.self_attn.o_proj" in qc["ignore"]
-    assert "model.layers.1.feed_forward.shared_expert.up_proj" in qc["ignore"]
+    for module in ("model.layers.1.self_attn.o_proj", "model.layers.1.feed_forward.shared_expert.up_proj"):
+        for prefix in ("", "language_model."):  # both transformers layouts match the ignore entries
+            assert not is_match(prefix + module, torch.nn.Linear(1, 1), ["Linear"], qc["ignore"]), module
+    assert is_match("model.layers.1.self_attn.q_proj", torch.nn.Linear(1, 1), ["Linear"], qc["ignore"])
     assert any("vLLM" in w for w in summary["warnings"])
     theirs = _ct_decompress(out)
     ours = QuantizedSource(out)
