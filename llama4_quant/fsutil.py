@@ -28,14 +28,26 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temp name beside `path`, then rename: readers never see half a file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to a temp name beside `path`, then rename: readers never see half a file. The file gets the
+    permissions open() would give it (0644 under the usual umask), like the artifacts beside it."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

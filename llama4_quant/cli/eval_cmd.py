@@ -22,10 +22,11 @@ from .common import emit_json, handle_errors, progress_bar
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
               help="Compute dtype (auto: fp32 on CPU, bf16 on CUDA).")
 @click.option("--batch-size", default=4, show_default=True, help="Chunks per forward batch.")
+@click.option("--size-only", is_flag=True, help="Check candidates against their manifests by file size, not sha256.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @handle_errors
 def eval_cmd(reference, candidates, data, ctx, n_chunks, max_ppl_increase, max_kld, report_dir, tokenizer_path,
-             device, dtype, batch_size, as_json):
+             device, dtype, batch_size, size_only, as_json):
     """Perplexity of REFERENCE (checkpoint directory or Hub repo id) on --data by llama-perplexity's
     protocol (whole file tokenized with BOS; chunks of --ctx tokens each starting with BOS; the second
     half of every chunk scored) and, for each CANDIDATE (a compressed-tensors directory or a GGUF file we
@@ -36,7 +37,7 @@ def eval_cmd(reference, candidates, data, ctx, n_chunks, max_ppl_increase, max_k
 
     with progress_bar() as prog:
         result = run_eval(reference, list(candidates), data, ctx, n_chunks, tokenizer_path, device, dtype, batch_size,
-                          max_ppl_increase, max_kld, progress=prog)
+                          max_ppl_increase, max_kld, progress=prog, check_hashes=not size_only)
     if report_dir:
         from ..eval.report import write_report
 

@@ -119,8 +119,10 @@ def inspect_cmd(model, gpu_mem, context, as_json):
 def inspect_gguf(path: str, as_json: bool) -> dict:
     """`inspect FILE.gguf`: tensor types and sizes of a GGUF we (or llama.cpp) wrote."""
     from ..formats.gguf.reader import describe_gguf
+    from ..formats.manifest import check_files
 
-    info = describe_gguf(path)
+    integrity = check_files(path)  # a file that no longer matches its sidecar manifest is refused
+    info = {**describe_gguf(path), "integrity": integrity}
     if as_json:
         emit_json(info)
         return info

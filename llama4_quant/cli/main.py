@@ -12,6 +12,7 @@ from .. import __version__
 COMMANDS = {
     "inspect": "llama4_quant.cli.inspect_cmd:inspect_cmd",
     "eval": "llama4_quant.cli.eval_cmd:eval_cmd",
+    "verify": "llama4_quant.cli.verify_cmd:verify_cmd",
     "convert": "llama4_quant.cli.convert_cmd:convert_cmd",
     "download": "llama4_quant.cli.download_cmd:download_cmd",
     "demo": "llama4_quant.cli.demo_cmd:demo_cmd",

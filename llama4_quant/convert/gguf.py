@@ -34,12 +34,12 @@ from ..formats.gguf.metadata import (add_model_metadata, check_expressible, comp
 from ..formats.gguf.mix import BASE, SCHEMES, PlannedTensor, plan_tensors
 from ..formats.gguf.quants import QT
 from ..formats.gguf.vocab import load_tokenizer_data
-from ..formats.gguf.writer import GGUFFileWriter, check_destination
+from ..formats.gguf.writer import GGUFFileWriter, check_destination, existing_outputs
+from ..formats.manifest import SIDECAR_SUFFIX, ours
 from ..fsutil import sha256_file, write_json_atomic
 
 METHODS = ("gptq", "imatrix", "rtn")
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
-MANIFEST_SUFFIX = ".llama4-quant.json"
 _EXPERT = re.compile(r"^layers\.(\d+)\.experts\.(\d+)\.(gate|up|down)$")
 
 
@@ -95,6 +95,11 @@ class GGUFExporter:
         if not self.out.name.endswith(".gguf"):
             raise Llama4QuantError(f"{self.out}: the output file name must end in .gguf")
         check_destination(self.out, force)
+        for f in existing_outputs(self.out):
+            ok, why = ours(f)
+            if not ok:
+                raise Llama4QuantError(f"--force replaces only an earlier llama4-quant output: {why}; "
+                                       "choose another OUT or remove it yourself")
 
     @property
     def artifact(self) -> Path:
@@ -259,7 +264,7 @@ class GGUFExporter:
 
     def manifest_path(self, summary: dict[str, Any]) -> Path:
         first = Path(summary["files"][0])
-        return first.with_name(first.name + MANIFEST_SUFFIX)
+        return first.with_name(first.name + SIDECAR_SUFFIX)
 
 
 def write_sidecar(summary: dict[str, Any]) -> Path:
@@ -268,7 +273,7 @@ def write_sidecar(summary: dict[str, Any]) -> Path:
     first = Path(summary["files"][0])
     manifest = {"tool": "llama4-quant", "version": __version__, **summary,
                 "sha256": {Path(f).name: sha256_file(Path(f)) for f in summary["files"]}}
-    path = first.with_name(first.name + MANIFEST_SUFFIX)
+    path = first.with_name(first.name + SIDECAR_SUFFIX)
     write_json_atomic(path, manifest)
     return path
 

@@ -36,6 +36,7 @@ from ..errors import Llama4QuantError
 from ..formats.compressed_tensors import config as ct_config
 from ..formats.compressed_tensors import tensors as ct_tensors
 from ..formats.compressed_tensors.tensors import INDEX, torch_dtype
+from ..formats.manifest import MANIFEST, ours
 from ..model.checkpoint import CheckpointReader
 from ..model.config import Llama4Config
 from ..model.hf_reader import to_hf_name
@@ -46,7 +47,6 @@ from ..quant.scheme import SCHEMES, IntScheme, QuantizedLinear, Scheme, make_sch
 from ..model.tensors import TensorSpec
 from .pipeline import Selection
 
-MANIFEST = "llama4-quant.json"
 # the text model's module prefix in either layout (see SafetensorsExporter.ignore_list)
 _ANY_PREFIX = r"(language_model\.)?model\."
 DEFAULT_MAX_SHARD_BYTES = 2 * 1000**3
@@ -248,6 +248,11 @@ class SafetensorsExporter:
             raise Llama4QuantError(f"{self.out} already exists (pass --force to replace it)")
         if self.out.exists() and not self.out.is_dir():
             raise Llama4QuantError(f"{self.out} exists and is not a directory")
+        if self.out.exists():
+            ok, why = ours(self.out)
+            if not ok:
+                raise Llama4QuantError(f"--force replaces only an earlier llama4-quant output: {why}; "
+                                       "choose another OUT or remove it yourself")
 
     # -- pipeline.Exporter -----------------------------------------------------------------------------------------
     def grid_for(self, spec: TensorSpec) -> Grid | None:
@@ -415,6 +420,7 @@ class SafetensorsExporter:
         if self.out.exists():
             if not self.force:
                 raise Llama4QuantError(f"{self.out} appeared while converting (pass --force to replace it)")
+            self.check_destination()  # still ours?
             old = self.out.parent / f"{self.out.name}.tmp-{os.getpid()}-old{secrets.token_hex(2)}"
             os.replace(self.out, old)
         try:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from ..fsutil import write_text_atomic  # noqa: E402
 
 
 def _short(path: str) -> str:
@@ -40,7 +40,9 @@ def _markdown(result: dict) -> str:
             f"{c['kld_p99']:.6f} | {100 * c['top1_agreement']:.2f} | {max(c['layer_error'] or [0]):.4f} | {verdict} |"
         )
     t = result["thresholds"]
-    lines += ["", f"Thresholds: max ppl increase {t['max_ppl_increase_pct']}%, max mean KLD {t['max_kld']}.",
+    ppl_t = "none" if t["max_ppl_increase_pct"] is None else f"{t['max_ppl_increase_pct']}%"
+    kld_t = "none" if t["max_kld"] is None else f"{t['max_kld']}"
+    lines += ["", f"Thresholds: max ppl increase {ppl_t}, max mean KLD {kld_t}.",
               f"Overall: **{'PASS' if result['passed'] else 'FAIL'}**", ""]
     return "\n".join(lines)
 
@@ -124,10 +126,7 @@ def write_report(result: dict, out: Path) -> dict[str, Path]:
     written = {}
     for name, text in (("report.json", json.dumps(result, indent=2, default=str)), ("report.md", md),
                        ("report.html", _html(result, plots))):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, out / name)
+        write_text_atomic(out / name, text)
         written[name.split(".")[1]] = out / name
     for k, f in plots.items():
         written[k] = out / f

@@ -42,9 +42,10 @@ def gate(summary: dict, max_ppl_increase: float | None, max_kld: float | None) -
 def run_eval(reference: str, candidates: list[str], data: str, ctx: int, n_chunks: int | None,
              tokenizer_path: str | None, device: str, dtype: str, batch_size: int,
              max_ppl_increase: float | None, max_kld: float | None, progress=None,
-             tokens: list[int] | None = None) -> dict:
+             tokens: list[int] | None = None, check_hashes: bool = True) -> dict:
     """The whole check, as a dict. `tokens` (held-out calibration tokens) replaces reading `data`.
-    `progress`: a rich Progress or None."""
+    `progress`: a rich Progress or None. Candidates with a manifest are checked against it first (sizes, and
+    sha256 with `check_hashes`): a changed file is refused, not scored."""
     import torch
 
     from ..hub.resolve import resolve_model
@@ -58,7 +59,14 @@ def run_eval(reference: str, candidates: list[str], data: str, ctx: int, n_chunk
         raise Llama4QuantError(f"--ctx must be at least 4 tokens, got {ctx}")
     if n_chunks is not None and n_chunks < 1:
         raise Llama4QuantError(f"--chunks must be at least 1, got {n_chunks}")
+    from ..formats.manifest import check_files
+
     ref = open_any(Path(resolve_model(reference)))
+    integrity = {}
+    for c in candidates:
+        if not Path(c).exists():
+            raise Llama4QuantError(f"{c}: no such file or directory")
+        integrity[c] = check_files(c, hashes=check_hashes)
     cands = [open_any(Path(c)) for c in candidates]
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -85,6 +93,7 @@ def run_eval(reference: str, candidates: list[str], data: str, ctx: int, n_chunk
         s = c.summary(ref_scores)
         s["per_chunk_ppl"] = c.scores.per_chunk_ppl()
         s["kld_values"] = torch.cat(c.kld).tolist() if c.kld else []
+        s["integrity"] = integrity.get(s["path"])
         s["failures"] = gate(s, max_ppl_increase, max_kld)
         s["passed"] = not s["failures"]
         all_ok &= s["passed"]

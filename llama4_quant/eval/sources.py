@@ -39,3 +39,25 @@ def is_compressed_tensors_dir(path: Path) -> bool:
         return False
     qc = raw.get("quantization_config") or {}
     return qc.get("quant_method") == "compressed-tensors"
+
+
+def check_artifact(path: str | Path, *, hashes: bool = True, require_manifest: bool = False) -> dict:
+    """An artifact against its manifest (every file present, same size and sha256) and its structure against
+    its config (every tensor the config implies, with its shape; readable headers). Raises on any mismatch."""
+    from ..formats.manifest import check_files
+
+    path = Path(path)
+    if not path.exists():
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"{path}: no such file or directory")
+    files = check_files(path, hashes=hashes, require=require_manifest)
+    src = open_any(path)
+    try:
+        cfg = src.config
+        return {"path": str(path), "format": getattr(src, "layout", "?"), **files,
+                "structure": "ok", "layers": cfg.num_layers, "experts": cfg.num_experts}
+    finally:
+        close = getattr(src, "close", None)
+        if close:
+            close()

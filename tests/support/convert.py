@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from llama4_quant.convert.run import ConvertOptions, run_convert
-from llama4_quant.convert.safetensors import MANIFEST
+from llama4_quant.formats.manifest import MANIFEST
 
 _TUPLES = ("targets", "ignore")
 
