@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import Llama4QuantError
 from .common import emit_json, handle_errors
 from .units import SizeType, human
 
@@ -25,6 +26,13 @@ def describe_model(model: str, context: int, gpu_mem: int | None) -> dict:
         from ..model.checkpoint import open_checkpoint
         from ..hub.resolve import resolve_model
 
+        if "/" not in model and not Path(model).exists():
+            import difflib
+
+            near = difflib.get_close_matches(model.lower(), list(PRESETS), n=1, cutoff=0.5)
+            hint = f"did you mean the preset {near[0]!r}?" if near else f"presets: {', '.join(PRESETS)}"
+            raise Llama4QuantError(f"{model}: no such checkpoint directory, and not a preset or a Hub repo id "
+                                   f"(org/name); {hint}")
         path = Path(resolve_model(model))
         reader = open_checkpoint(path)
         cfg = reader.config
@@ -93,13 +101,17 @@ def inspect_cmd(model, gpu_mem, context, as_json):
 
     con = Console()
     a, p = info["architecture"], info["params"]
-    con.print(f"[bold]{model}[/bold]  {info['source']}")
+    src = info["source"]
+    where = (f"preset of {src['repo_id']} (nothing downloaded)" if "preset" in src
+             else f"{src['path']} ({src['layout']} layout)")
+    con.print(f"[bold]{model}[/bold]: {where}")
     moe = "all layers" if len(a["moe_layers"]) == a["layers"] else f"layers {a['moe_layers'][:6]}... (step {a['interleave_moe_layer_step']})"
     con.print(
         f"{a['layers']} layers, hidden {a['hidden_size']}, {a['heads']} heads / {a['kv_heads']} kv x {a['head_dim']}, "
         f"vocab {a['vocab_size']}\nMoE: {a['experts']} experts, top-{a['experts_per_token']}, width {a['expert_ffn']}, on {moe}; "
         f"dense width {a['dense_ffn']}\nNoPE layers {a['nope_layers'][:8]}{'...' if len(a['nope_layers']) > 8 else ''}; "
-        f"chunk {a['attention_chunk_size']}; qk norm {a['qk_norm']}; rope theta {a['rope_theta']:g}, scaling {a['rope_scaling']}"
+        f"chunk {a['attention_chunk_size']}; qk norm {a['qk_norm']}; rope theta {a['rope_theta']:g}, scaling "
+        + _rope_text(a["rope_scaling"])
     )
     t = Table(title="parameters")
     t.add_column("component")
@@ -107,7 +119,7 @@ def inspect_cmd(model, gpu_mem, context, as_json):
     for k, v in p.items():
         t.add_row(k, f"{v / 1e9:.3f} B" if v > 1e7 else f"{v:,}")
     con.print(t)
-    m = Table(title=f"memory (KV cache for {context} tokens, bf16)")
+    m = Table(title=f"memory (KV cache for {context} tokens, bf16; GB = 10^9 bytes)")
     for col in ("scheme", "weights", "kv cache", "total", f"fits {human(gpu_mem)}"):
         m.add_column(col, justify="right")
     for k, v in info["memory"].items():
@@ -151,3 +163,10 @@ def inspect_gguf(path: str, as_json: bool) -> dict:
         t.add_row(x["name"], x["type"], "x".join(str(s) for s in x["shape"]), human(x["bytes"]))
     con.print(t)
     return info
+
+
+def _rope_text(r: dict | None) -> str:
+    if not r:
+        return "none"
+    return (f"{r['rope_type']} x{r['factor']:g} (low {r['low_freq_factor']:g}, high {r['high_freq_factor']:g}, "
+            f"original context {r['original_max_position_embeddings']})")

@@ -1,5 +1,5 @@
 """Byte sizes as users write them: 80GB / 80G (10^9), 78GiB (2^30), 512M, 1T; a unit is required (a bare
-`--gpu-mem 80` is ambiguous: 80 bytes? 80 GB? 80 GiB?). `human` prints GiB-based units, named as such."""
+`--gpu-mem 80` is ambiguous: 80 bytes? 80 GB? 80 GiB?). `human` prints decimal units (GB = 10^9 bytes), the same system as the input."""
 
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ def parse_size(text: str) -> int:
 
 
 def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
+    """Decimal units, as sizes are given (80GB = 80 * 10^9 bytes): what every command prints."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}" if unit != "TB" else f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 class SizeType(click.ParamType):

@@ -7,9 +7,10 @@ values are rounded; RTN and GPTQ (rtn.py, gptq.py) decide *which* values are rou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import TYPE_CHECKING, Literal, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import Llama4QuantError
 
@@ -98,7 +99,10 @@ class QuantizedLinear:
     def shape(self) -> torch.Size:
         return self.codes.shape
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        import torch
+
+        dtype = dtype or torch.float32
         out, cols = self.codes.shape
         x = self.codes.to(torch.float32)
         if isinstance(self.scheme, IntScheme):
@@ -112,6 +116,8 @@ class QuantizedLinear:
 
 def expand_fp8_scale(scale: torch.Tensor, scheme: FP8Scheme, rows: int, cols: int) -> torch.Tensor:
     """Broadcast a stored fp8 scale to a full [rows, cols] float32 matrix."""
+    import torch
+
     scale = scale.to(torch.float32)
     if scheme.strategy == "tensor":
         return scale.reshape(1, 1).expand(rows, cols)

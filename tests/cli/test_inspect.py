@@ -63,3 +63,21 @@ def test_help_everywhere(cli):
     for cmd in ([], ["inspect"], ["eval"], ["download"]):
         proc = cli(*cmd, "--help")
         assert proc.returncode == 0 and "Usage" in proc.stdout, cmd
+
+
+def test_preset_needs_no_torch_and_typos_get_a_suggestion(cli):
+    """inspect of a preset reads nothing and imports no heavy library (what made it take 15 s on a cold machine)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, io, contextlib; from llama4_quant.cli.main import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    cli.main(['inspect', 'scout', '--json'], standalone_mode=False)\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+    r = cli("inspect", "scuot")
+    assert r.returncode == 1 and "did you mean the preset 'scout'?" in r.stderr and r.stderr.count("error:") == 1
+    r = cli("inspect", "scout", "--gpu-mem", "80")
+    assert r.returncode == 2 and "has no unit" in r.stderr

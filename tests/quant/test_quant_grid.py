@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama4_quant.quant import FP8Grid, FP8Scheme, IntGrid, IntScheme, quantize_linear, rtn
+from llama4_quant.quant.api import quantize_linear
+from llama4_quant.quant.fp8 import FP8Grid
+from llama4_quant.quant.grid import IntGrid
+from llama4_quant.quant.rtn import rtn
+from llama4_quant.quant.scheme import FP8Scheme, IntScheme
 from llama4_quant.quant.grid import group_slices
 
 

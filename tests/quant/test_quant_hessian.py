@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama4_quant.quant import ExpertHessians, HessianAccumulator
+from llama4_quant.quant.hessian import ExpertHessians, HessianAccumulator
 
 
 def _x(tokens: int, dim: int = 48, seed: int = 0) -> torch.Tensor:

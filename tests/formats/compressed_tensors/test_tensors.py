@@ -9,7 +9,8 @@ import torch
 
 from llama4_quant.formats.compressed_tensors import config as ct_config
 from llama4_quant.formats.compressed_tensors import tensors as ct_tensors
-from llama4_quant.quant import FP8Scheme, IntScheme, quantize_linear
+from llama4_quant.quant.api import quantize_linear
+from llama4_quant.quant.scheme import FP8Scheme, IntScheme
 from llama4_quant.quant.hessian import HessianAccumulator
 
 ct = pytest.importorskip("compressed_tensors")
