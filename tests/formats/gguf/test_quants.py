@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import os
 from pathlib import Path
 
 import gguf
@@ -308,24 +306,3 @@ def test_gguf_writer_roundtrip(tmp_path: Path) -> None:
         assert t.tensor_type == qtype
         assert [int(n) for n in t.shape[::-1]] == [4, 512]
         assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(data.shape), data.view(np.uint8))
-
-
-# ------------------------------------------------------------------------------------------------
-# Optional: compare against a locally built ggml-quants shared library (see formats/gguf/make_golden.py)
-
-
-@pytest.mark.llamacpp
-@pytest.mark.skipif(not os.environ.get("LLAMA4_QUANT_GGML_QUANTS_LIB"), reason="set LLAMA4_QUANT_GGML_QUANTS_LIB")
-@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
-def test_bytes_equal_local_ggml_build(qtype: QT) -> None:
-    lib = ctypes.CDLL(os.environ["LLAMA4_QUANT_GGML_QUANTS_LIB"])
-    fn = getattr(lib, f"quantize_{qtype.name.lower()}" if qtype.name.endswith("_0") else f"quantize_{qtype.name[:2].lower()}_K")
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    rng = np.random.default_rng(13)
-    x = (rng.standard_t(4, (64, 2048)) * 0.02).astype(np.float32)
-    im = rng.random(2048).astype(np.float32)
-    for imx in (None, im):
-        want = np.zeros((64, gq.bytes_per_row(qtype, 2048)), np.uint8)
-        fn(x.ctypes.data, want.ctypes.data, 64, 2048, None if imx is None else imx.ctypes.data)
-        assert np.array_equal(gq.quantize(x, qtype, imx), want)
