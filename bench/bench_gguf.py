@@ -1,6 +1,6 @@
 """Our q4_k_m GGUF vs llama.cpp's own q4_k_m, on the trained fixture (the numbers in docs/gguf.md).
 
-    python -m llama4_quant.formats.gguf_bench [OUT_DIR] [--calib-samples 128] [--calib-seqlen 2048]
+    python bench/bench_gguf.py [OUT_DIR] [--calib-samples 128] [--calib-seqlen 2048]
 
 Writes, from the fixture's checkpoint: our bf16 GGUF; our q4_k_m by gptq, imatrix and rtn (calibration: the fixture's
 calib.txt); llama.cpp's Q4_K_M from `llama-quantize --imatrix` with an imatrix from `llama-imatrix` on the same
@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support/: the llama.cpp drivers
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,19 +31,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (1: robust on shared cores)")
     args = ap.parse_args(argv)
 
-    from ..eval.compare import compare_models
-    from ..eval.perplexity import make_chunks
-    from ..model.checkpoint import open_checkpoint
-    from ..model.tokenizer import load_tokenizer
-    from ..testing import llamacpp as L
-    from ..testing.trained import trained_checkpoint
-    from .gguf_convert import run_gguf_convert
-    from .gguf_read import open_gguf
+    from llama4_quant.eval.compare import compare_models
+    from llama4_quant.eval.perplexity import make_chunks
+    from llama4_quant.formats.gguf.reader import open_gguf
+    from llama4_quant.model.checkpoint import open_checkpoint
+    from llama4_quant.model.tokenizer import load_tokenizer
+    from llama4_quant.tiny.trained import demo_texts, trained_checkpoint
+    from support import llamacpp as L
+    from support.convert import gguf as run_gguf_convert
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = trained_checkpoint()
-    calib, test = model / "calib.txt", model / "test.txt"
+    calib, test = out / "calib.txt", out / "test.txt"
+    for name, text in demo_texts().items():
+        (out / f"{name}.txt").write_text(text)
     files: dict[str, Path] = {}
     seconds: dict[str, float] = {}
 

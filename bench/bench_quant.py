@@ -1,7 +1,7 @@
 """Seconds and peak RSS per decoder layer of the convert pipeline, for RTN, GPTQ and FP8.
 
 Two models:
-  trained  the tiny trained fixture (llama4_quant.testing.trained; hidden 256, 4 layers, 4 experts), calibrated
+  trained  the tiny trained fixture (llama4_quant/data/tiny-llama4; hidden 256, 4 layers, 4 experts), calibrated
            on its calib.txt (--samples x --seqlen tokens);
   scout    one synthetic MoE decoder layer with Scout's real shapes (hidden 5120, 40 heads / 8 kv heads of 128,
            experts 8192 wide, --experts of them (Scout has 16), a shared expert), random weights generated
@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 METHODS = {"rtn": ("w4a16", "rtn"), "gptq": ("w4a16", "gptq"), "fp8": ("fp8-dynamic", "rtn")}
 
@@ -130,10 +131,14 @@ def worker(args) -> None:
         from llama4_quant.calibration.dataset import load_calibration
         from llama4_quant.model.checkpoint import open_checkpoint
         from llama4_quant.model.tokenizer import load_tokenizer
-        from llama4_quant.tiny.trained import trained_checkpoint
+        import tempfile
+
+        from llama4_quant.tiny.trained import demo_texts, trained_checkpoint
 
         src = open_checkpoint(trained_checkpoint())
-        tokens = load_calibration(str(src.path / "calib.txt"), load_tokenizer(src.path), args.samples, args.seqlen).tokens
+        calib = Path(tempfile.mkdtemp(prefix="bench-")) / "calib.txt"
+        calib.write_text(demo_texts()["calib"])
+        tokens = load_calibration(str(calib), load_tokenizer(src.path), args.samples, args.seqlen).tokens
     else:
         src = SyntheticScout(args.experts)
         T = min(args.tokens, 512)
