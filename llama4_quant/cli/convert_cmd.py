@@ -43,7 +43,6 @@ class RichProgress:
         self.prog = prog
         self.layers = None
         self.experts = None
-        self.note = None
 
     def start(self, num_layers):
         if self.layers is not None:

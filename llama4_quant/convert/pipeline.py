@@ -645,13 +645,6 @@ class Pipeline:
         }
 
 
-def convert(source: CheckpointReader, exporter: Exporter, options: PipelineOptions | None = None,
-            calib_tokens: torch.Tensor | None = None, calib_info: dict | None = None,
-            progress: Progress | None = None) -> Any:
-    """Run the whole pipeline; returns whatever `exporter.finish` returns."""
-    return Pipeline(source, exporter, options, progress).run(calib_tokens, calib_info)
-
-
 def expert_budget(cfg: Llama4Config, budget_bytes: int) -> int:
     """How many experts' Hessians (+ weights) one chunk holds under `budget_bytes`."""
     H, I = cfg.hidden_size, cfg.intermediate_size

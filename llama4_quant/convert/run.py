@@ -64,13 +64,6 @@ def formats() -> dict[str, Any]:
     return {"safetensors": SafetensorsFormat(), "gguf": GGUFFormat()}
 
 
-FORMAT_NAMES = ("safetensors", "gguf")
-
-
-def scheme_names() -> dict[str, tuple[str, ...]]:
-    """Every scheme of every format (what --scheme accepts)."""
-    return {name: tuple(f.schemes) for name, f in formats().items()}
-
 
 def _option_flag(name: str) -> str:
     return "--" + name.replace("_", "-")

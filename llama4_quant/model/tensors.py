@@ -96,5 +96,3 @@ def expected_shapes(cfg: Llama4Config) -> dict[str, tuple[int, ...]]:
     return {s.name: s.full_shape for s in tensor_specs(cfg)}
 
 
-def expected_shapes_layer(cfg: Llama4Config, i: int) -> dict[str, tuple[int, ...]]:
-    return {s.name: s.full_shape for s in layer_specs(cfg, i)}
