@@ -17,3 +17,19 @@ def test_demo_end_to_end(tmp_path, cli, trained_model):
     assert (tmp_path / "demo" / "model-w4a16" / "llama4-quant.json").exists()
     assert (tmp_path / "demo" / "model-q4_k_m.gguf").stat().st_size > 0
     assert Path(out["report"]).exists()
+
+
+def test_gpu_smoke_script_skips_cleanly_without_cuda():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("a CUDA device is present: run scripts/gpu_smoke.py itself")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gpu_smoke.py"
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("skip: no CUDA device"), (r.stdout, r.stderr)
