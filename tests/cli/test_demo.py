@@ -14,7 +14,12 @@ def test_demo_end_to_end(tmp_path, cli, trained_model):
     assert len(out["candidates"]) == 2
     for c in out["candidates"]:
         assert 0 < c["kld_mean"] < 0.05 and c["top1_agreement"] > 0.9
-    assert (tmp_path / "demo" / "model-w4a16" / "llama4-quant.json").exists()
+    art = tmp_path / "demo" / "model-w4a16"
+    assert (art / "llama4-quant.json").exists()
+    # the artifact holds the model and its tokenizer, not the demo's texts
+    assert sorted(p.name for p in art.iterdir()) == [
+        "config.json", "generation_config.json", "llama4-quant.json", "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
     assert (tmp_path / "demo" / "model-q4_k_m.gguf").stat().st_size > 0
     assert Path(out["report"]).exists()
 
