@@ -11,6 +11,7 @@ so calibration sees the special tokens an instruct model sees at inference time.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
@@ -85,17 +86,62 @@ class _FormatDict(dict):
         return ""
 
 
+# Control characters other than tab, newlines and form feed, and U+FFFD (what undecodable bytes became
+# upstream): real text in any language holds almost none, binary data read as text is full of them.
+_NOT_TEXT = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd]")
+MAX_NOT_TEXT = 0.05  # refuse a file when more than this share of its characters are such
+_CHECK_AFTER = 4096  # characters read before the share is judged (and at the end of every file)
+
+
+def _decode(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"{where}: not UTF-8 text (invalid byte 0x{data[e.start]:02x} at offset {e.start}); "
+                               "calibration data must be UTF-8 text, not binary") from None
+
+
+class _TextCheck:
+    """Counts characters that are not text over one file and refuses it once they dominate."""
+
+    def __init__(self, path: Path):
+        self.path, self.chars, self.bad = path, 0, 0
+
+    def add(self, text: str) -> None:
+        self.chars += len(text)
+        for i in range(0, len(text), 1 << 20):  # by slices: memory stays small on a huge file
+            part = text[i : i + (1 << 20)]
+            self.bad += len(part) - len(_NOT_TEXT.sub("", part))
+        if self.chars >= _CHECK_AFTER:
+            self.judge()
+
+    def judge(self) -> None:
+        if self.chars and self.bad > MAX_NOT_TEXT * self.chars:
+            raise CalibrationError(f"{self.path}: does not look like text ({self.bad} of {self.chars} characters "
+                                   "are control or replacement characters); binary data or a wrong file?")
+
+
 def iter_documents(path: Path, fields: Mapping[str, Any] | None = None) -> Iterator[Document]:
-    """Documents of one local file, in file order."""
+    """Documents of one local file, in file order. Refuses bytes that are not UTF-8 and text made mostly of
+    control characters (binary data) with a CalibrationError."""
+    check = _TextCheck(path)
+    for doc in _file_documents(path, fields):
+        check.add(doc.text)
+        yield doc
+    check.judge()
+
+
+def _file_documents(path: Path, fields: Mapping[str, Any] | None) -> Iterator[Document]:
     suffix = path.suffix.lower()
     if suffix == ".txt" or suffix == "":
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = _decode(path.read_bytes(), str(path))
         if text.strip():
             yield Document(text, False)
         return
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = _decode(raw, f"{path}:{lineno}")
                 if not line.strip():
                     continue
                 try:
@@ -108,7 +154,7 @@ def iter_documents(path: Path, fields: Mapping[str, Any] | None = None) -> Itera
         return
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+            data = json.loads(_decode(path.read_bytes(), str(path)))
         except json.JSONDecodeError as e:
             raise CalibrationError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if isinstance(data, Mapping):

@@ -34,7 +34,14 @@ def describe_model(model: str, context: int, gpu_mem: int | None) -> dict:
             raise Llama4QuantError(f"{model}: no such checkpoint directory, and not a preset or a Hub repo id "
                                    f"(org/name); {hint}")
         path = Path(resolve_model(model))
-        reader = open_checkpoint(path)
+        from ..eval.sources import is_compressed_tensors_dir, open_any
+        from ..formats.manifest import check_files
+
+        if is_compressed_tensors_dir(path):  # a converted model: check it against its manifest, read it back
+            check_files(path)
+            reader = open_any(path)
+        else:
+            reader = open_checkpoint(path)
         cfg = reader.config
         vision = sum(_numel(t.shape) for t in reader.vision_tensors())
         source = {"path": str(path), "layout": reader.layout}

@@ -122,6 +122,10 @@ def run_convert(o: ConvertOptions, progress=None, source=None) -> dict[str, Any]
     if out_path == src_dir or out_path in src_dir.parents:
         raise Llama4QuantError(f"OUT {o.out} is the source checkpoint or contains it: choose another path")
 
+    from ..model.tokenizer import check_tokenizer, load_tokenizer
+
+    # every artifact carries the tokenizer: a corrupt one fails here, not in the user's runtime
+    load_tokenizer(o.tokenizer) if o.tokenizer else check_tokenizer(reader.path)
     tokens = info = None
     heldout: list[int] = []
     if fmt.reads_calibration(method, o):

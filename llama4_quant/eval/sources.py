@@ -34,11 +34,11 @@ def is_compressed_tensors_dir(path: Path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        raw = json.loads(cfg.read_text())
-    except json.JSONDecodeError:
-        return False
-    qc = raw.get("quantization_config") or {}
-    return qc.get("quant_method") == "compressed-tensors"
+        raw = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # the config loader gives the readable error
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
 
 def check_artifact(path: str | Path, *, hashes: bool = True, require_manifest: bool = False) -> dict:

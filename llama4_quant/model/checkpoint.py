@@ -13,8 +13,21 @@ import torch
 
 from ..errors import CheckpointError
 from .config import Llama4Config
+from .tensors import expected_shapes
 
-from .tensors import EXPERT_KINDS, expected_shapes, expected_shapes_layer  # noqa: F401 (re-exported for readers)
+
+def check_inside(root: Path, fname: str, what: str) -> None:
+    """Refuse a file name that leaves the checkpoint directory `root`: absolute, with '..', or a symlink whose
+    target lies outside (a Hugging Face cache snapshot's links into its repo's blobs/ are allowed). Call it
+    before opening any file a checkpoint's own metadata names."""
+    rel = Path(fname)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in fname:
+        raise CheckpointError(f"{root}: {what} points outside the model directory; refusing to open it")
+    base = Path(root).resolve()
+    allowed = [base] + [a.parent.parent / "blobs" for a in (base, *base.parents) if a.parent.name == "snapshots"]
+    target = (base / rel).resolve()
+    if not any(target == a or a in target.parents for a in allowed):
+        raise CheckpointError(f"{root}: {what} is a link to {target}, outside the model directory; refusing to open it")
 
 
 @dataclass

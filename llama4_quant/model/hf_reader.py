@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
-from .checkpoint import CheckpointReader, TensorInfo
+from .checkpoint import CheckpointReader, TensorInfo, check_inside
 from .config import Llama4Config
 
 # canonical suffix -> HF suffix (after "<prefix>layers.N.")
@@ -70,24 +70,33 @@ class HFReader(CheckpointReader):
     def __init__(self, path: Path, cfg: Llama4Config):
         self.path = Path(path)
         self.config = cfg
+        self._files: dict[str, object] = {}
+        self._keys: dict[str, set[str]] = {}  # tensor names each file holds (its header)
         self.weight_map = self._weight_map()
         keys = self.weight_map.keys()
         if any(k.startswith("language_model.") for k in keys):
             self.model_prefix, self.head_name = "language_model.model.", "language_model.lm_head.weight"
         else:
             self.model_prefix, self.head_name = "model.", "lm_head.weight"
-        self._files: dict[str, object] = {}
         self._unfused = any(".feed_forward.experts.0." in k for k in keys)
 
     # -- file handling ------------------------------------------------------------
     def _weight_map(self) -> dict[str, str]:
+        """{tensor: file} from model.safetensors.index.json, else from the headers of the directory's
+        *.safetensors files (a single model.safetensors); either way every file is checked to lie inside
+        the directory before anything opens it."""
         index = self.path / "model.safetensors.index.json"
         if index.exists():
+            check_inside(self.path, index.name, index.name)
             try:
-                wm = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
+                wm = json.loads(index.read_bytes())["weight_map"]
+            except (ValueError, KeyError, TypeError):
                 raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)") from None
-            missing = sorted({f for f in wm.values() if not (self.path / f).exists()})
+            if not isinstance(wm, dict) or not all(isinstance(f, str) and f for f in wm.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+            for f in sorted(set(wm.values())):
+                check_inside(self.path, f, f"{index.name} entry {f!r}")
+            missing = sorted({f for f in wm.values() if not (self.path / f).is_file()})
             if missing:
                 raise CheckpointError(
                     f"{self.path}: missing shard {missing[0]}"
@@ -100,7 +109,12 @@ class HFReader(CheckpointReader):
             raise CheckpointError(f"{self.path}: no safetensors files (and no model.safetensors.index.json)")
         wm = {}
         for f in files:
-            for k in self._open(f.name).keys():
+            check_inside(self.path, f.name, f.name)
+            self._open(f.name)
+            for k in sorted(self._keys[f.name]):
+                if k in wm:
+                    raise CheckpointError(f"{self.path}: tensor {k} is in both {wm[k]} and {f.name} "
+                                          "(and no model.safetensors.index.json says which to use)")
                 wm[k] = f.name
         return wm
 
@@ -108,6 +122,17 @@ class HFReader(CheckpointReader):
         h = self._files.get(fname)
         if h is None:
             h = self._files[fname] = open_safetensors(self.path / fname)
+            if fname not in self._keys:
+                self._keys[fname] = set(h.keys())
+        return h
+
+    def _file_of(self, hf_name: str):
+        """The open file that holds `hf_name` (refusing an index entry whose file lacks the tensor)."""
+        fname = self.weight_map[hf_name]
+        h = self._open(fname)
+        if hf_name not in self._keys[fname]:
+            raise CheckpointError(f"{self.path}: model.safetensors.index.json puts tensor {hf_name} in {fname}, "
+                                  "which does not hold it (corrupt index?)")
         return h
 
     def close(self) -> None:
@@ -134,10 +159,10 @@ class HFReader(CheckpointReader):
             return name
 
     def _raw(self, hf_name: str) -> torch.Tensor:
-        return self._open(self.weight_map[hf_name]).get_tensor(hf_name)
+        return self._file_of(hf_name).get_tensor(hf_name)
 
     def _raw_shape(self, hf_name: str) -> tuple[int, ...]:
-        return tuple(self._open(self.weight_map[hf_name]).get_slice(hf_name).get_shape())
+        return tuple(self._file_of(hf_name).get_slice(hf_name).get_shape())
 
     # -- interface ------------------------------------------------------------------
     def _has(self, name: str) -> bool:
@@ -150,7 +175,10 @@ class HFReader(CheckpointReader):
         E = self.config.num_experts
         if self._unfused:
             return (E, *raw)
-        # fused HF tensors are [E, in, out]; gate_up holds gate then up on the last dim
+        # fused HF tensors are [E, in, out]; gate_up holds gate then up on the last dim (a tensor of another
+        # rank, or an odd gate_up, is returned as it is: validate() then names the mismatch)
+        if len(raw) != 3 or (not name.endswith("experts.down") and raw[2] % 2):
+            return raw
         if name.endswith("experts.down"):
             return (raw[0], raw[2], raw[1])
         return (raw[0], raw[2] // 2, raw[1])
@@ -169,9 +197,9 @@ class HFReader(CheckpointReader):
         I = self.config.intermediate_size
         if kind == "down":
             name = p + "down_proj"
-            return self._open(self.weight_map[name]).get_slice(name)[e].t().contiguous()
+            return self._file_of(name).get_slice(name)[e].t().contiguous()
         name = p + "gate_up_proj"
-        w = self._open(self.weight_map[name]).get_slice(name)[e]  # [H, 2I]
+        w = self._file_of(name).get_slice(name)[e]  # [H, 2I]
         w = w[:, :I] if kind == "gate" else w[:, I:]
         return w.t().contiguous()
 
@@ -184,22 +212,24 @@ class HFReader(CheckpointReader):
                         n = f"{self.model_prefix}layers.{i}.feed_forward.experts.{e}.{kind}_proj.weight"
                         if n not in self.weight_map:
                             raise CheckpointError(f"{self.path}: missing tensor {n} (incomplete checkpoint?)")
-        for fname in sorted(set(self.weight_map.values())):
-            self._open(fname)
+        for name in self.weight_map:
+            self._file_of(name)  # every file opens, and holds what the index says it holds
 
     def vision_tensors(self) -> list[TensorInfo]:
         out = []
-        for k, f in self.weight_map.items():
+        for k in self.weight_map:
             if _VISION.match(k):
-                sl = self._open(f).get_slice(k)
+                sl = self._file_of(k).get_slice(k)
                 out.append(TensorInfo(k, tuple(sl.get_shape()), str(sl.get_dtype())))
         return out
 
     def read_raw(self, hf_name: str) -> torch.Tensor:
         """A tensor by its file name (used to pass the vision tower through unchanged)."""
-        return self._raw(hf_name)
+        t = self._raw(hf_name)
+        self._check_finite(hf_name, t)
+        return t
 
     def source_dtype(self) -> torch.dtype:
         name = self.model_prefix + "embed_tokens.weight"
-        code = self._open(self.weight_map[name]).get_slice(name).get_dtype()
+        code = self._file_of(name).get_slice(name).get_dtype()
         return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(code, torch.bfloat16)

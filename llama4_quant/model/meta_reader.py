@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .checkpoint import CheckpointReader
+from .checkpoint import CheckpointReader, check_inside
 from .config import Llama4Config
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -64,10 +64,22 @@ class MetaReader(CheckpointReader):
         if idx != list(range(len(files))):
             missing = sorted(set(range(max(idx) + 1)) - set(idx))
             raise CheckpointError(f"{self.path}: missing shard consolidated.{missing[0]:02d}.pth")
+        for f in files:
+            check_inside(self.path, f.name, f.name)
+        if cfg.q_dim % len(files) or cfg.kv_dim % len(files):
+            raise CheckpointError(f"{self.path}: {len(files)} shards cannot split the attention "
+                                  f"({cfg.num_heads} heads, {cfg.num_kv_heads} kv heads of {cfg.head_dim}) evenly")
         self.files = files
         self.n = len(files)
         # loaded now so an unreadable shard fails at open time; release() drops them, `shards` reloads
         self._shards: list[dict[str, torch.Tensor]] | None = [_load_shard(f) for f in files]
+        first = set(self._shards[0])
+        for f, sd in zip(files[1:], self._shards[1:]):
+            odd = sorted(first ^ set(sd))
+            if odd:
+                has, lacks = (files[0], f) if odd[0] in first else (f, files[0])
+                raise CheckpointError(f"{self.path}: {has.name} holds tensor {odd[0]} but {lacks.name} does not "
+                                      "(shards of different checkpoints?)")
 
     @property
     def shards(self) -> list[dict[str, torch.Tensor]]:
@@ -120,6 +132,8 @@ class MetaReader(CheckpointReader):
         key, how = self._key(name)
         s0 = tuple(self.shards[0][key].shape)
         cfg = self.config
+        if how != "cat0" and how != "cat1" and len(s0) != (1 if name.endswith("norm") else 2):
+            return s0  # wrong rank: validate() names the mismatch
         if how == "same":
             return tuple(s0) if not name.endswith("router") else (s0[1], s0[0])
         if how in ("cat0", "cat1"):
@@ -135,6 +149,8 @@ class MetaReader(CheckpointReader):
             return (sum(s[key].shape[0] for s in self.shards) // 2, s0[1])
         # experts: per shard [E*D, F/S] (gate/up) or [E*F/S, D] (down)
         E = cfg.num_experts
+        if any(s[key].shape[0] % E for s in self.shards):
+            return s0  # not [E*rows, cols] per shard: validate() names the mismatch
         if name.endswith("down"):
             F = sum(s[key].shape[0] for s in self.shards) // E
             return (E, s0[1], F)

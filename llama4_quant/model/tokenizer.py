@@ -90,12 +90,34 @@ def load_tokenizer(path: str | Path, bos_id: int | None = None, total_vocab: int
     except CheckpointError:
         raise
     except Exception as e:  # tokenizers raises plain Exception subclasses
-        raise CheckpointError(f"{f}: unreadable tokenizer file ({str(e).splitlines()[0]})") from None
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        kind = "tokenizer.model (tiktoken)" if f.suffix == ".model" else "tokenizer.json"
+        raise CheckpointError(f"{f}: not a valid {kind} file ({why}); corrupt or truncated?") from None
+    if tok.get_vocab_size(with_added_tokens=True) == 0:
+        raise CheckpointError(f"{f}: the tokenizer has an empty vocabulary (corrupt or placeholder file?)")
     if bos_id is None:
         bos_id = tok.token_to_id("<|begin_of_text|>")
         cfg = f.parent / "tokenizer_config.json"
         if bos_id is None and cfg.exists():
-            bos = json.loads(cfg.read_text()).get("bos_token")
-            bos = bos.get("content") if isinstance(bos, dict) else bos
-            bos_id = tok.token_to_id(bos) if bos else None
+            bos_id = _bos_from_config(cfg, tok)
     return LoadedTokenizer(tok, f, bos_id)
+
+
+def _bos_from_config(path: Path, tok: Tokenizer) -> int | None:
+    try:
+        tc = json.loads(path.read_bytes())
+    except ValueError:
+        raise CheckpointError(f"{path}: not valid JSON (corrupt or truncated?)") from None
+    bos = tc.get("bos_token") if isinstance(tc, dict) else None
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    return tok.token_to_id(bos) if isinstance(bos, str) and bos else None
+
+
+def check_tokenizer(model_dir: str | Path) -> Path | None:
+    """Load the tokenizer a checkpoint directory holds, if any, and return its file (None when there is none).
+    For paths that only copy or export the tokenizer (RTN converts): a corrupt tokenizer.json then fails the
+    command with a CheckpointError instead of being passed on."""
+    f = find_tokenizer_file(model_dir)
+    if f is not None:
+        load_tokenizer(f)
+    return f

@@ -45,9 +45,12 @@ def _tokenizer_json(model_dir: Path, cfg: Llama4Config) -> tuple[dict, Path, boo
             raise GGUFWriteError(str(e)) from None
         return json.loads(tok.to_str()), f, True
     try:
+        load_tokenizer(f)  # a file the tokenizers library cannot load is no tokenizer to export
         return json.loads(f.read_text(encoding="utf-8")), f, False
-    except (OSError, json.JSONDecodeError) as e:
-        raise GGUFWriteError(f"{f}: unreadable ({e})") from None
+    except CheckpointError as e:
+        raise GGUFWriteError(str(e)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GGUFWriteError(f"{f}: unreadable tokenizer.json ({str(e)[:200]})") from None
 
 
 def load_tokenizer_data(model_dir: str | Path, cfg: Llama4Config) -> TokenizerData:
