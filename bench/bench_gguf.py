@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     from llama4_quant.eval.compare import compare_models
     from llama4_quant.eval.perplexity import make_chunks
     from llama4_quant.formats.gguf.reader import open_gguf
-    from llama4_quant.model.checkpoint import open_checkpoint
+    from llama4_quant.model.readers import open_checkpoint
     from llama4_quant.model.tokenizer import load_tokenizer
     from llama4_quant.tiny.trained import demo_texts, trained_checkpoint
     from support import llamacpp as L

@@ -129,7 +129,7 @@ def worker(args) -> None:
     scheme_name, method = METHODS[args.method]
     if args.model == "trained":
         from llama4_quant.calibration.dataset import load_calibration
-        from llama4_quant.model.checkpoint import open_checkpoint
+        from llama4_quant.model.readers import open_checkpoint
         from llama4_quant.model.tokenizer import load_tokenizer
         import tempfile
 

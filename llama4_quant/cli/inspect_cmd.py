@@ -23,7 +23,7 @@ def describe_model(model: str, context: int, gpu_mem: int | None) -> dict:
         vision = vision_param_count(preset["config"]["vision_config"], cfg.hidden_size)
         source = {"preset": model.lower(), "repo_id": preset["repo_id"]}
     else:
-        from ..model.checkpoint import open_checkpoint
+        from ..model.readers import open_checkpoint
         from ..hub.resolve import resolve_model
 
         if "/" not in model and not Path(model).exists():

@@ -104,7 +104,7 @@ def run_convert(o: ConvertOptions, progress=None, source=None) -> dict[str, Any]
     """Convert o.model into o.out; returns the `--json` summary (with "verification" under --verify)."""
     from ..calibration.documents import CalibrationError
     from ..hub.resolve import resolve_model
-    from ..model.checkpoint import open_checkpoint
+    from ..model.readers import open_checkpoint
     from ..model.runner import resolve_device, resolve_dtype
     from ..quant.gptq import GPTQConfig
     from .pipeline import Pipeline, PipelineOptions

@@ -19,7 +19,7 @@ def open_any(model: str | Path):
         src = QuantizedSource(path)
         src.validate()
         return src
-    from ..model.checkpoint import open_checkpoint
+    from ..model.readers import open_checkpoint
 
     return open_checkpoint(path)
 

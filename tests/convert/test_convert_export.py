@@ -15,7 +15,7 @@ from llama4_quant.convert.pipeline import Pipeline, PipelineOptions, Selection
 from llama4_quant.model.tensors import tensor_specs
 from llama4_quant.formats.compressed_tensors.reader import QuantizedSource
 from llama4_quant.errors import Llama4QuantError
-from llama4_quant.model.checkpoint import open_checkpoint
+from llama4_quant.model.readers import open_checkpoint
 from llama4_quant.model.runner import LayerwiseRunner
 from llama4_quant.quant.rtn import QuantResult
 

@@ -16,7 +16,7 @@ from support.convert import safetensors as run_convert
 from llama4_quant.formats.compressed_tensors.reader import QuantizedSource
 from llama4_quant.eval.evaluate import score_chunks
 from llama4_quant.eval.perplexity import make_chunks
-from llama4_quant.model.checkpoint import open_checkpoint
+from llama4_quant.model.readers import open_checkpoint
 from llama4_quant.model.tokenizer import load_tokenizer
 
 CTX, CHUNKS = 128, 12

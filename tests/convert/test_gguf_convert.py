@@ -23,7 +23,7 @@ from llama4_quant.formats.gguf.imatrix import load_imatrix_file
 from support.convert import gguf as run_gguf_convert
 from llama4_quant.formats.gguf.names import canonical_name
 from llama4_quant.formats.gguf.reader import open_gguf
-from llama4_quant.model.checkpoint import open_checkpoint
+from llama4_quant.model.readers import open_checkpoint
 from llama4_quant.model.tokenizer import load_tokenizer
 from support.llamacpp import find_llamacpp
 

@@ -105,7 +105,7 @@ def test_nan_weights(tmp_path, cli):
     data = tmp_path / "data.txt"
     data.write_text("x")
     # eval reads every weight: the NaN must be named, not turned into a NaN perplexity
-    from llama4_quant.model.checkpoint import open_checkpoint
+    from llama4_quant.model.readers import open_checkpoint
     from llama4_quant.errors import CheckpointError
 
     with open_checkpoint(path) as r, pytest.raises(CheckpointError, match="q_proj.*NaN|NaN.*"):

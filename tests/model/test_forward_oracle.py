@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama4_quant.model.checkpoint import open_checkpoint
+from llama4_quant.model.readers import open_checkpoint
 from llama4_quant.model.runner import LayerwiseRunner
 
 transformers = pytest.importorskip("transformers")

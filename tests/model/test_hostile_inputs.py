@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from llama4_quant.errors import CheckpointError, ConfigError
 from llama4_quant.model import hf_reader
-from llama4_quant.model.checkpoint import open_checkpoint
+from llama4_quant.model.readers import open_checkpoint
 from llama4_quant.model.config import from_hf_dict, from_params_dict, load_config
 from llama4_quant.model.presets import PRESETS
 from llama4_quant.model.runner import LayerwiseRunner

@@ -26,7 +26,7 @@ from llama4_quant.formats.gguf.names import canonical_name, gguf_name
 from llama4_quant.formats.gguf.writer import GGUFFileWriter
 from llama4_quant.formats.gguf.mix import PlannedTensor
 from llama4_quant.formats.gguf.metadata import compat_warning, llamacpp_differences, rope_freqs_tensor
-from llama4_quant.model.checkpoint import open_checkpoint
+from llama4_quant.model.readers import open_checkpoint
 from llama4_quant.model.config import from_hf_dict, rope_freq_factors
 from llama4_quant.model.tensors import tensor_specs
 from llama4_quant.tiny.checkpoints import hf_config, text_config, write_hf_checkpoint, write_meta_checkpoint
