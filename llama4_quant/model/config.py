@@ -95,28 +95,27 @@ class Llama4Config:
         return (inv / rope_freq_factors(self).double()).float()
 
 
-def rope_freq_factors(cfg: Llama4Config):
-    """Per-frequency divisors of llama3 rope scaling (what GGUF stores as rope_freqs)."""
+def rope_freq_factors(cfg: Llama4Config, dtype=None):
+    """Per-frequency divisors of llama3 rope scaling [head_dim/2], returned as float32: what the forward divides
+    the inverse frequencies by (computed in float64) and what a GGUF stores as rope_freqs (computed in float32,
+    as llama.cpp's own converter computes them, so that tensor is bit-identical to its output)."""
     import torch
 
+    dtype = dtype or torch.float64
     if cfg.rope_freq_factors is not None:
         return torch.tensor(cfg.rope_freq_factors, dtype=torch.float32)
-    dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     s = cfg.rope_scaling
     if s is None:
-        return torch.ones_like(inv).float()
+        return torch.ones(cfg.head_dim // 2, dtype=torch.float32)
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=dtype) / dim))
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor
-    )
-    scaled = (1 - smooth) * inv / s.factor + smooth * inv
-    new = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    new = torch.where(medium, scaled, new)
-    return (inv / new).float()
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    mid = 1 / ((1 - smooth) / s.factor + smooth)
+    return torch.where(wavelen < high_wavelen, torch.ones_like(inv),
+                       torch.where(wavelen > low_wavelen, torch.full_like(inv, s.factor), mid)).float()
 
 
 # ---- checked reads ---------------------------------------------------------------------------------------------

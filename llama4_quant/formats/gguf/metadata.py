@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_VERSION, GGUFWriter
 
-from ...model.config import Llama4Config
+from ...model.config import Llama4Config, rope_freq_factors
 from .constants import LLAMACPP_ATTN_SCALE, LLAMACPP_CHUNK, LLAMACPP_FLOOR_SCALE, LLAMACPP_NOPE_INTERVAL
 from .errors import GGUFWriteError
 from .mix import FILE_TYPE
@@ -75,30 +75,10 @@ def check_expressible(cfg: Llama4Config) -> None:
 
 
 def rope_freqs_tensor(cfg: Llama4Config) -> np.ndarray:
-    """llama3 rope scaling as llama.cpp takes it: per-frequency divisors, float32 [head_dim/2].
-
-    Computed the way llama.cpp's own converter computes them (float32 tensor arithmetic throughout), so the
-    tensor is bit-identical to its output."""
-    import math
-
+    """llama3 rope scaling as llama.cpp takes it: the per-frequency divisors (model/config.py), float32."""
     import torch
 
-    explicit = getattr(cfg, "rope_freq_factors", None)
-    if explicit is not None:
-        return np.asarray(explicit, dtype=np.float32)
-    s = cfg.rope_scaling
-    if s is None:
-        return np.ones(cfg.head_dim // 2, dtype=np.float32)
-    dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    wavelen = 2 * math.pi / inv
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    mid = 1 / ((1 - smooth) / s.factor + smooth)
-    out = torch.where(wavelen < high_wavelen, torch.ones_like(inv),
-                      torch.where(wavelen > low_wavelen, torch.full_like(inv, s.factor), mid))
-    return out.numpy().astype(np.float32)
+    return rope_freq_factors(cfg, torch.float32).numpy()
 
 
 def generation_defaults(model_dir: str | Path) -> dict[str, float | int]:
