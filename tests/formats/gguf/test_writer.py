@@ -379,14 +379,19 @@ def test_existing_output_needs_force(models, tmp_path):
     out.write_bytes(b"old")
     with pytest.raises(Llama4QuantError, match="exists"):
         run_gguf_convert(models["narrow"], out, scheme="q8_0", method="rtn")
+    # --force replaces only what llama4-quant wrote: a foreign file is kept
+    with pytest.raises(Llama4QuantError, match="not a GGUF written by llama4-quant"):
+        run_gguf_convert(models["narrow"], out, scheme="q8_0", method="rtn", force=True)
     assert out.read_bytes() == b"old"
+    out.unlink()
+    # --force removes an older split set of ours with the same name
+    run_gguf_convert(models["narrow"], out, scheme="q8_0", method="rtn", split_max_size=100_000)
+    parts = sorted(tmp_path.glob("x-*-of-*.gguf"))
+    assert len(parts) > 1
     run_gguf_convert(models["narrow"], out, scheme="q8_0", method="rtn", force=True)
     assert out.read_bytes()[:4] == b"GGUF"
-    # --force also removes an older split set of the same name
-    old = tmp_path / "x-00001-of-00002.gguf"
-    old.write_bytes(b"old")
-    run_gguf_convert(models["narrow"], out, scheme="q8_0", method="rtn", force=True)
-    assert not old.exists()
+    assert not any(p.exists() for p in parts)
+    run_gguf_convert(models["narrow"], out, scheme="q8_0", method="rtn", force=True)  # ours: replaced
 
 
 def _no_output(d: Path, stem: str) -> None:
