@@ -95,7 +95,7 @@ class Selection:
 # ---------------------------------------------------------------------------------------------------------------
 # the exporter interface
 class Exporter(Protocol):
-    """What the pipeline needs from an output format (safetensors_export.SafetensorsExporter is one).
+    """What the pipeline needs from an output format (convert/safetensors.py and convert/gguf.py hold the two).
 
     Call order: prepare(source) -> grid_for (every spec, before anything runs) -> begin(plan) -> write_tensor /
     write_quantized (spec order; within a MoE layer experts come expert by expert, gate/up/down each)

@@ -1,24 +1,14 @@
 """Write llama4 GGUF files the way llama.cpp reads them, streamed and atomic (see docs/gguf.md).
 
-Pieces:
+:class:`GGUFFileWriter`: header, metadata and tensor infos through gguf-py's ``GGUFWriter`` before any data
+exists; then tensor data written at precomputed offsets as it is produced (a routed-expert tensor one expert
+slab at a time, in any order), so nothing is held longer than one tensor (one expert). Output goes to a hidden
+temporary directory next to OUT and is renamed into place only after every tensor was written and the files were
+read back and checked (headers always, data CRCs for files up to ``verify_data_max_bytes``). Split output follows
+llama.cpp's ``gguf-split`` format (``split.no``/``split.count``/``split.tensors.count``, ``NAME-0000k-of-0000N.gguf``).
 
-- :func:`llamacpp_differences` / :func:`compat_warning`: where a checkpoint's config differs from what
-  llama.cpp hard-codes for arch ``llama4`` (chunk 8192, temperature tuning floor 8192 / scale 0.1 on
-  NoPE layers, NoPE every 4th layer, qk-norm unless exactly 128 experts), i.e. where llama.cpp will
-  run the model differently from the checkpoint.
-- :func:`load_tokenizer_data`: the BPE vocabulary as llama.cpp wants it (``gpt2`` model, ``llama4``
-  pre-tokenizer, tokens, token types, merges, special ids, add_bos) from ``tokenizer.json`` (+
-  ``tokenizer_config.json``, ``config.json``).
-- :func:`plan_tensors`: every tensor of the file (GGUF name, shape, GGML type by the
-  :mod:`gguf_mix` rule, byte size), in file order.
-- :func:`add_model_metadata`: every key llama.cpp's llama4 loader reads, plus general.* provenance.
-- :class:`GGUFFileWriter`: header, metadata and tensor infos through gguf-py's ``GGUFWriter`` before
-  any data exists; then tensor data written at precomputed offsets as it is produced (a routed-expert
-  tensor one expert slab at a time, in any order), so nothing is held longer than one tensor (one
-  expert). Output goes to a hidden temporary directory next to OUT and is renamed into place only
-  after every tensor was written and the files were read back and checked (headers always, data
-  CRCs for files up to ``verify_data_max_bytes``). Split output follows llama.cpp's ``gguf-split``
-  format (``split.no``/``split.count``/``split.tensors.count``, ``NAME-0000k-of-0000N.gguf``).
+The rest of a file lives beside it: the tensor plan (mix.py), metadata keys and rope_freqs (metadata.py), the
+tokenizer (vocab.py).
 """
 
 from __future__ import annotations
