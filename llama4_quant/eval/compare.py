@@ -52,9 +52,22 @@ class ModelScores:
 
 
 def check_compatible(ref_cfg, cand_cfg, path: str) -> None:
+    """A candidate must be the reference's model: same shapes, routing and numerics constants (a GGUF whose
+    expert_used_count, rope base, eps or rope scaling was changed is another model, however valid the file)."""
+    import math
+
+    from ..model.config import rope_freq_factors
+
     fields = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "num_experts",
-              "intermediate_size", "moe_layers")
+              "intermediate_size", "moe_layers", "top_k")
     diff = [f"{f} {getattr(cand_cfg, f)} vs {getattr(ref_cfg, f)}" for f in fields if getattr(cand_cfg, f) != getattr(ref_cfg, f)]
+    for f in ("rope_theta", "rms_norm_eps"):  # float32 in a GGUF
+        a, b = float(getattr(cand_cfg, f)), float(getattr(ref_cfg, f))
+        if not math.isclose(a, b, rel_tol=1e-6):
+            diff.append(f"{f} {a:g} vs {b:g}")
+    fa, fb = rope_freq_factors(cand_cfg), rope_freq_factors(ref_cfg)
+    if fa.shape != fb.shape or not bool(((fa - fb).abs() <= 1e-6 * fb.abs()).all()):
+        diff.append("rope frequency factors (llama3 scaling) differ")
     if diff:
         raise Llama4QuantError(f"candidate {path} is not a quantization of the reference: " + ", ".join(diff[:3]))
 

@@ -57,4 +57,9 @@ def test_candidate_with_missing_shard(trained_model, w4a16, tmp_path, cli):
     proc = cli("eval", str(trained_model), str(broken), "--data", str(trained_model / "test.txt"), "--ctx", str(CTX),
                "--chunks", "2")
     assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "is missing" in proc.stderr and shard.name in proc.stderr
+    (broken / "llama4-quant.json").unlink()  # without its manifest, the reader still names the missing shard
+    proc = cli("eval", str(trained_model), str(broken), "--data", str(trained_model / "test.txt"), "--ctx", str(CTX),
+               "--chunks", "2")
+    assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "missing shard" in proc.stderr and shard.name in proc.stderr
