@@ -33,7 +33,13 @@ def handle_errors(fn):
                 click.echo(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
+            import os
+
+            if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # torchrun stops the others when a rank fails
+                click.echo(f"error: rank {os.environ.get('RANK', '?')}: stopped (another rank failed or the run was "
+                           "interrupted); no artifact was written", err=True)
+            else:
+                click.echo("error: interrupted", err=True)
             sys.exit(130)
 
     return wrapper

@@ -159,8 +159,13 @@ def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seql
         batch_size=batch_size, hessian_memory=hessian_memory, force=force,
         verify=VerifyOptions(eval_data=eval_data, ctx=verify_ctx, chunks=verify_chunks, max_ppl_increase=max_ppl_increase,
                              max_kld=max_kld, report_dir=report_dir) if verify else None)
-    with _sigterm_as_interrupt(), progress_bar() as prog:
+    import os
+
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 draws and prints
+    with _sigterm_as_interrupt(), progress_bar(None if rank0 else False) as prog:
         summary = run_convert(o, progress=RichProgress(prog))
+    if not rank0:
+        return
     if as_json:
         emit_json(summary)
     else:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import Llama4QuantError
+from .distributed import Ranks
 from ..model.checkpoint import CheckpointReader
 from ..formats.gguf.imatrix import Imatrix
 from ..model.config import Llama4Config
@@ -184,12 +185,12 @@ def describe_grid(grid: Grid | None) -> str | None:
 
 
 def _inject(layer: int, path_hint: str = "") -> None:
-    """Test hook: LLAMA4_QUANT_INJECT=KIND@LAYER with KIND error | enospc | kill | term."""
+    """Test hook: LLAMA4_QUANT_INJECT=KIND@LAYER[@RANK] with KIND error | enospc | kill | term."""
     spec = os.environ.get("LLAMA4_QUANT_INJECT", "")
     if not spec or "@" not in spec:
         return
-    kind, at = spec.split("@", 1)
-    if int(at) != layer:
+    kind, at, *rank = spec.split("@")
+    if int(at) != layer or (rank and rank[0] != os.environ.get("RANK", "0")):
         return
     if kind == "error":
         raise Llama4QuantError(f"injected failure after layer {layer}")
@@ -205,8 +206,9 @@ def _inject(layer: int, path_hint: str = "") -> None:
 
 class Pipeline:
     def __init__(self, source: CheckpointReader, exporter: Exporter, options: PipelineOptions | None = None,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, ranks: Ranks | None = None):
         self.source = source
+        self.ranks = ranks or Ranks()  # expert-parallel runs (convert/distributed.py): rank e % N owns expert e
         self.cfg: Llama4Config = source.config
         self.exporter = exporter
         self.opt = options or PipelineOptions()
@@ -484,12 +486,14 @@ class Pipeline:
         def read(e: int) -> dict[str, torch.Tensor]:
             return {k: self.source.read_expert(i, k, e) for k in kinds}
 
+        ranks = self.ranks
+        mine = [e for e in experts if ranks.owns(e)]  # all of them in one process
         # the statistics pass needs the whole chunk's weights; otherwise read each expert just in time
-        weights = {e: read(e) for e in experts} if gptq_stats else {}
+        weights = {e: read(e) for e in mine} if gptq_stats else {}
         acc_in: dict[int, HessianAccumulator] = {}
         acc_dn: dict[int, HessianAccumulator] = {}
         if gptq_stats:
-            need = [e for e in experts if all_tokens or counts[e] >= max(1, opt.min_expert_tokens)]
+            need = [e for e in mine if all_tokens or counts[e] >= max(1, opt.min_expert_tokens)]
             acc_in = {e: HessianAccumulator(H, self.device) for e in need}
             acc_dn = {e: HessianAccumulator(I, self.device) for e in need}
             if need:
@@ -512,7 +516,8 @@ class Pipeline:
                             acc_dn[e].add(F.silu(F.linear(xin, g)) * F.linear(xin, u))
                 del dev_w
         runtime: dict[int, list[torch.Tensor]] = {}
-        for e in experts:
+        sent: list[tuple] = []  # expert-parallel: what rank 0 writes for this rank's experts
+        for e in mine:
             we = weights.pop(e) if e in weights else read(e)
             if quantized:
                 fallback = ""
@@ -524,8 +529,14 @@ class Pipeline:
                 mats = []
                 for k in kinds:
                     acc = (acc_dn if k == "down" else acc_in).get(e)
-                    res = self._quantize(especs[k], especs[k].expert_name(e), we[k], egrids[k], acc, fallback)
-                    mats.append(self._emit(especs[k], e, res, egrids[k], runtime=out is not None))
+                    name = especs[k].expert_name(e)
+                    res = self._quantize(especs[k], name, we[k], egrids[k], acc, fallback)
+                    if ranks.active:
+                        sent.append((e, k, "q", res, self.records[name]))
+                        if out is not None:
+                            mats.append(self.exporter.runtime_weight(especs[k], res, egrids[k]))
+                    else:
+                        mats.append(self._emit(especs[k], e, res, egrids[k], runtime=out is not None))
                     del res
                 if out is not None:
                     runtime[e] = mats
@@ -533,26 +544,54 @@ class Pipeline:
                 acc_dn.pop(e, None)  # free this expert's Hessians right away
             else:
                 for k in kinds:
-                    self.exporter.write_tensor(TensorSpec(especs[k].expert_name(e), "experts", especs[k].shape, i), we[k])
+                    if ranks.active:
+                        sent.append((e, k, "t", we[k], None))
+                    else:
+                        self.exporter.write_tensor(TensorSpec(especs[k].expert_name(e), "experts", especs[k].shape, i), we[k])
                 if out is not None:
                     runtime[e] = [we[k] for k in kinds]
             del we
-            self.progress.expert_done(i, e)
+            if not ranks.active:
+                self.progress.expert_done(i, e)
+        if ranks.active:
+            self._write_gathered(i, experts, especs, egrids, sent)
         if out is None:
             return
-        dev_q = {e: [t.to(self.device, opt.dtype) for t in runtime.pop(e)] for e in experts}
+        dev_q = {e: [t.to(self.device, opt.dtype) for t in runtime.pop(e)] for e in mine}
         with torch.no_grad():
             for sl in self._batches(len(store)):
                 h = store.get(sl, self.device, opt.dtype)
                 x2 = self._ffn_in(w, h).reshape(-1, H)
                 idx, scale = route(cfg, w, x2)
                 acc = out.get(sl, self.device, opt.dtype).reshape(-1, H)
-                for e in experts:
+                part = torch.zeros_like(acc) if ranks.active else acc
+                for e in mine:
                     tok, slot = torch.nonzero(idx == e, as_tuple=True)
                     if tok.numel():
                         xin = x2[tok] * scale[tok, slot][:, None]
-                        acc.index_add_(0, tok, swiglu(xin, *dev_q[e]))
+                        part.index_add_(0, tok, swiglu(xin, *dev_q[e]))
+                if ranks.active:
+                    # top-1 routing: every token gets one expert's output and zeros, so the sum is exact
+                    ranks.all_sum(part)
+                    acc = acc + part
                 out.put(sl, acc.view(h.shape))
+
+    def _write_gathered(self, i, experts, especs, egrids, sent) -> None:
+        """Expert-parallel: rank 0 collects every rank's quantized experts of a chunk and writes them in the
+        single-process order (expert by expert, gate/up/down)."""
+        got = self.ranks.gather(sent)
+        if got is None:
+            return
+        items = {(e, k): (kind, obj, rec) for part in got for e, k, kind, obj, rec in part}
+        for e in experts:
+            for k in ("gate", "up", "down"):
+                kind, obj, rec = items.pop((e, k))
+                if kind == "q":
+                    self.records[especs[k].expert_name(e)] = rec
+                    self.exporter.write_quantized(especs[k], e, obj, egrids[k])
+                else:
+                    self.exporter.write_tensor(TensorSpec(especs[k].expert_name(e), "experts", especs[k].shape, i), obj)
+            self.progress.expert_done(i, e)
 
     # -- importance statistics (llama-imatrix's) ------------------------------------------------------------------
     @torch.no_grad()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Llama4QuantError
+from .distributed import ShadowExporter, from_environment, shutdown
 from .verify import VerifyOptions
 
 
@@ -101,14 +102,8 @@ def _load_calibration(o: ConvertOptions, reader) -> tuple[Any, dict, list[int]]:
 
 
 def run_convert(o: ConvertOptions, progress=None, source=None) -> dict[str, Any]:
-    """Convert o.model into o.out; returns the `--json` summary (with "verification" under --verify)."""
-    from ..calibration.documents import CalibrationError
-    from ..hub.resolve import resolve_model
-    from ..model.readers import open_checkpoint
-    from ..model.runner import resolve_device, resolve_dtype
-    from ..quant.gptq import GPTQConfig
-    from .pipeline import Pipeline, PipelineOptions
-
+    """Convert o.model into o.out; returns the `--json` summary (with "verification" under --verify). Under
+    torchrun, ranks other than 0 return {"rank": r, "world": n} (rank 0 writes and summarises)."""
     t0 = time.perf_counter()
     fmt, scheme = check_options(o, formats())
     method = fmt.resolve_method(scheme, o)
@@ -117,6 +112,22 @@ def run_convert(o: ConvertOptions, progress=None, source=None) -> dict[str, Any]
         raise Llama4QuantError("--verify without calibration data needs --eval-data FILE (this method reads no "
                                "calibration text)")
     exporter = fmt.exporter(o, scheme, method)  # refuses an existing OUT before any expensive work
+    ranks = from_environment(o.device)  # torchrun: expert-parallel (convert/distributed.py)
+    try:
+        return _run(o, fmt, scheme, method, warnings, exporter, ranks, progress, source, t0)
+    finally:
+        shutdown(ranks)
+
+
+def _run(o: ConvertOptions, fmt, scheme: str, method: str, warnings: list[str], exporter, ranks, progress, source,
+         t0: float) -> dict[str, Any]:
+    from ..calibration.documents import CalibrationError
+    from ..hub.resolve import resolve_model
+    from ..model.readers import open_checkpoint
+    from ..model.runner import resolve_device, resolve_dtype
+    from ..quant.gptq import GPTQConfig
+    from .pipeline import Pipeline, PipelineOptions
+
     reader = source if source is not None else open_checkpoint(Path(resolve_model(o.model)))
     src_dir, out_path = Path(reader.path).resolve(), Path(exporter.artifact).resolve()
     if out_path == src_dir or out_path in src_dir.parents:
@@ -148,7 +159,12 @@ def run_convert(o: ConvertOptions, progress=None, source=None) -> dict[str, Any]
                             dtype=resolve_dtype(o.dtype, dev), batch_size=o.batch_size,
                             hessian_budget_bytes=o.hessian_memory)
     fmt.configure(exporter, o, method, info, is_hub_id=source is None and _is_hub_id(o.model))
-    pipe = Pipeline(reader, exporter, popts, progress)
+    if ranks.active and method != "gptq":
+        raise Llama4QuantError(f"--method {method} has no calibration to share out: run it in one process "
+                               "(torchrun is for GPTQ, whose per-expert work it splits across ranks)")
+    if not ranks.writer:
+        exporter, progress = ShadowExporter(exporter), None
+    pipe = Pipeline(reader, exporter, popts, progress, ranks)
     pipe.warnings.extend(warnings)
     if method == "imatrix":
         exporter.prepare(reader)  # fail fast (tokenizer, destination) before the forward pass
@@ -160,7 +176,12 @@ def run_convert(o: ConvertOptions, progress=None, source=None) -> dict[str, Any]
         else:
             exporter.imatrix = pipe.collect_importance(tokens)
     manifest = pipe.run(tokens if method == "gptq" else None, info)
+    ranks.barrier()
+    if not ranks.writer:
+        return {"rank": ranks.rank, "world": ranks.world}
     summary = exporter.summary(manifest, time.perf_counter() - t0)
+    if ranks.active:
+        summary["ranks"] = ranks.world
     if o.verify is not None:
         from .verify import record_verification, verify_artifact
 
