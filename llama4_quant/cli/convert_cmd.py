@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from contextlib import contextmanager
 
 import click
@@ -43,13 +44,16 @@ class RichProgress:
         self.prog = prog
         self.layers = None
         self.experts = None
+        self.tokens, self.t_layer = 0, time.perf_counter()
 
-    def start(self, num_layers):
+    def start(self, num_layers, tokens=0):
         if self.layers is not None:
             self.prog.remove_task(self.layers)
         self.layers = self.prog.add_task("layers", total=num_layers)
+        self.tokens, self.t_layer = tokens, time.perf_counter()
 
     def layer_start(self, layer, num_experts):
+        self.t_layer = time.perf_counter()
         if self.experts is not None:
             self.prog.remove_task(self.experts)
             self.experts = None
@@ -61,6 +65,11 @@ class RichProgress:
             self.prog.advance(self.experts)
 
     def layer_done(self, layer):
+        now = time.perf_counter()
+        if self.tokens:  # calibration throughput of the layer just done
+            rate = self.tokens / max(now - self.t_layer, 1e-9)
+            self.prog.update(self.layers, description=f"layers ({rate:,.0f} tok/s)")
+        self.t_layer = now
         self.prog.advance(self.layers)
 
     def status(self, text):

@@ -138,7 +138,8 @@ class Exporter(Protocol):
 class Progress:
     """Progress sink (no-op); the CLI's draws rich bars."""
 
-    def start(self, num_layers: int) -> None: ...
+    def start(self, num_layers: int, tokens: int = 0) -> None:
+        """`tokens`: calibration tokens each layer processes (0: none, no forward pass)."""
 
     def layer_start(self, layer: int, num_experts: int) -> None: ...
 
@@ -266,7 +267,7 @@ class Pipeline:
         store = None
         try:
             self.exporter.begin(self.source, plan)
-            self.progress.start(self.cfg.num_layers)
+            self.progress.start(self.cfg.num_layers, int(calib_tokens.numel()) if calibrate else 0)
             emb_spec = by_name["tok_embeddings"]
             emb = self.source.read("tok_embeddings")
             self._write_plain_or_rtn(emb_spec, emb, grids.get("tok_embeddings"))
@@ -622,7 +623,7 @@ class Pipeline:
         self.progress.status("importance statistics: forward pass of the unquantized model")
         store = runner.embed(tokens)
         try:
-            self.progress.start(cfg.num_layers)
+            self.progress.start(cfg.num_layers, int(tokens.numel()))
             for i in range(cfg.num_layers):
                 self.progress.layer_start(i, 0)
                 p = f"layers.{i}."
