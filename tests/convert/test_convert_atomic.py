@@ -58,8 +58,13 @@ def test_existing_output_needs_force(cli, tiny_mm, tmp_path):
     r = _run(cli, tiny_mm, out)
     assert r.returncode == 1 and "already exists (pass --force" in r.stderr
     assert (out / "keep.txt").read_text() == "mine"
-    r = _run(cli, tiny_mm, out, "--force")
+    r = _run(cli, tiny_mm, out, "--force")  # --force never deletes what we did not write
+    assert r.returncode == 1 and "not an llama4-quant output" in r.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    r = _run(cli, tiny_mm, out, "--force")  # an empty directory may be filled
     assert r.returncode == 0, r.stderr
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
-    assert _temps(out) == []
+    r = _run(cli, tiny_mm, out, "--force")  # and our own output replaced
+    assert r.returncode == 0, r.stderr
+    assert (out / "config.json").exists() and _temps(out) == []
 
