@@ -142,13 +142,33 @@ def verify_options(fn):
 @click.option("--imatrix", "imatrix_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="--to gguf: use this llama-imatrix output (GGUF format) instead of computing one "
                    "(implies --method imatrix).")
+@click.option("--mmproj", "mmproj", is_flag=False, flag_value="", default=None, metavar="[PATH]",
+              help="--to gguf: also write the vision tower as llama.cpp's mmproj GGUF (llama-mtmd-cli/llama-server "
+                   "--mmproj), to PATH or mmproj-OUT.gguf beside OUT (docs/gguf.md).")
+@click.option("--mmproj-type", type=click.Choice(["f16", "bf16", "q8_0"]), default=None,
+              help="--mmproj: tensor type of the projector file (norms, biases, embeddings stay F32). [default: f16]")
+@click.option("--mmproj-only", is_flag=True, help="--to gguf: write only the projector, to OUT (no text model).")
+@click.option("--fit", "fit", default=None, type=SizeType(), help="--to gguf: choose per-tensor types so the model "
+              "plus the KV cache for --context fits this much device memory (less --reserve), least error first.")
+@click.option("--target-size", default=None, type=SizeType(), help="--to gguf: per-tensor types for a file of at most "
+              "this size.")
+@click.option("--target-bpw", default=None, type=float, help="--to gguf: per-tensor types for this many bits per weight.")
+@click.option("--context", default=8192, show_default=True, help="--fit: tokens of bf16 KV cache to leave room for.")
+@click.option("--reserve", default="1GB", show_default=True, type=SizeType(), help="--fit: memory kept free for "
+              "the runtime's buffers.")
+@click.option("--plan", "plan_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="--to gguf: replay the per-tensor types of a saved plan (OUT.plan.json of a --fit run).")
+@click.option("--plan-only", is_flag=True, help="With --fit/--target-size/--target-bpw: print and save the plan, "
+              "convert nothing.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @verify_options
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @handle_errors
 def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seqlen, seed, tokenizer_path, group_size,
                 targets, ignore, moe_calibration, min_expert_tokens, act_order, damp, observer, device, dtype,
-                batch_size, hessian_memory, max_shard_size, split_max_size, imatrix_file, force, verify, eval_data,
+                batch_size, hessian_memory, max_shard_size, split_max_size, imatrix_file, mmproj, mmproj_type,
+                mmproj_only, fit, target_size, target_bpw, context, reserve, plan_file, plan_only, force, verify,
+                eval_data,
                 verify_ctx, verify_chunks, max_ppl_increase, max_kld, report_dir, as_json):
     """Quantize MODEL (a checkpoint directory or a Hub repo id) into OUT.
 
@@ -165,7 +185,9 @@ def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seql
         targets=tuple(targets) or None, ignore=tuple(ignore) or None, observer=observer, max_shard_size=max_shard_size,
         split_max_size=split_max_size, imatrix_file=imatrix_file, moe_calibration=moe_calibration,
         min_expert_tokens=min_expert_tokens, act_order=act_order, damp=damp, device=device, dtype=dtype,
-        batch_size=batch_size, hessian_memory=hessian_memory, force=force,
+        batch_size=batch_size, hessian_memory=hessian_memory, force=force, mmproj=mmproj, mmproj_type=mmproj_type,
+        mmproj_only=mmproj_only, fit=fit, target_size=target_size, target_bpw=target_bpw, context=context,
+        reserve=reserve, plan=plan_file, plan_only=plan_only,
         verify=VerifyOptions(eval_data=eval_data, ctx=verify_ctx, chunks=verify_chunks, max_ppl_increase=max_ppl_increase,
                              max_kld=max_kld, report_dir=report_dir) if verify else None)
     import os
@@ -185,13 +207,38 @@ def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seql
         raise SystemExit(GATE_FAILED_EXIT)
 
 
+def echo_plan(plan: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"plan: {plan['budget']['target']} -> {human(plan['tensor_bytes'])} of tensors "
+                    f"(room {human(plan['budget']['tensor_bytes'])}), predicted error {plan['predicted_error']:.4g}")
+    for col in ("group", "types", "bytes", "predicted error"):
+        t.add_column(col, justify="left" if col in ("group", "types") else "right")
+    for g in plan["groups"]:
+        t.add_row(g["group"], ", ".join(f"{k} x{v}" for k, v in sorted(g["types"].items())), human(g["bytes"]),
+                  f"{g['error']:.4g}")
+    Console(stderr=True).print(t)
+    click.echo(f"plan saved: {plan['file']}", err=True)
+
+
 def echo_summary(summary: dict) -> None:
+    if "plan" in summary and "groups" in summary["plan"]:
+        echo_plan(summary["plan"])
+    if summary.get("plan_only"):
+        return
+    mm = summary.get("mmproj")
+    if summary.get("kind") == "mmproj":
+        echo_mmproj(mm)
+        return
     if summary["format"] == "gguf":
         types = ", ".join(f"{t} x{v['tensors']}" for t, v in summary["tensor_types"].items())
-        files = summary["files"]
+        files = [f for f in summary["files"] if not mm or f != mm["path"]]
         where = files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} more split files)"
         click.echo(f"wrote {where}: {summary['scheme']} via {summary['method']}, {human(summary['total_bytes'])} "
                    f"({types}), {summary['seconds']:.1f}s")
+        if mm:
+            echo_mmproj(mm)
     else:
         click.echo(f"wrote {summary['output']}: {summary['scheme']} via {summary['method']}, "
                    f"{summary['quantized_tensors']} quantized tensors, {human(summary['total_bytes'])} in "
@@ -201,6 +248,12 @@ def echo_summary(summary: dict) -> None:
         click.echo(f"tokens per expert: min {t['min']}, max {t['max']}, {t['zero_token_experts']} expert(s) with none")
     if "verification" in summary:
         echo_verification(summary["verification"])
+
+
+def echo_mmproj(mm: dict) -> None:
+    types = ", ".join(f"{t} x{v['tensors']}" for t, v in mm["tensor_types"].items())
+    click.echo(f"wrote {mm['path']}: mmproj ({mm['projector']} vision, {mm['vision']['layers']} layers), "
+               f"{mm['type']}, {human(mm['bytes'])} ({types})")
 
 
 def echo_verification(v: dict) -> None:

@@ -16,6 +16,7 @@ at a time from the reader to the file.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from ..formats.gguf.vocab import load_tokenizer_data
 from ..formats.gguf.writer import GGUFFileWriter, check_destination, existing_outputs
 from ..formats.manifest import SIDECAR_SUFFIX, ours
 from ..fsutil import sha256_file, write_json_atomic
+from .fit import FTYPE_GUESSED
 
 METHODS = ("gptq", "imatrix", "rtn")
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
@@ -91,6 +93,7 @@ class GGUFExporter:
         self.no_stats: dict[str, list[int]] = {}
         self.warnings: list[str] = []
         self.files: list[Path] = []
+        self.type_overrides: dict[str, str] | None = None  # canonical -> GGML type name (convert/fit.py)
         self.t0 = time.time()
         if not self.out.name.endswith(".gguf"):
             raise Llama4QuantError(f"{self.out}: the output file name must end in .gguf")
@@ -114,6 +117,8 @@ class GGUFExporter:
         check_expressible(cfg)
         self.tok = load_tokenizer_data(self.tokenizer or source.path, cfg)
         self.plan = {p.canonical or p.name: p for p in plan_tensors(cfg, self.scheme, self.has_imatrix)}
+        for name, t in (self.type_overrides or {}).items():  # a --fit / --plan mix
+            self.plan[name] = dataclasses.replace(self.plan[name], qtype=QT[t])
         # refuse an existing OUT before any expensive work
         self.writer = GGUFFileWriter(self.out, list(self.plan.values()), self.split_max_size, self.force,
                                      self.verify_data_max_bytes)
@@ -145,8 +150,9 @@ class GGUFExporter:
             self.prepare(source)
         cfg = source.config
         sampling = generation_defaults(source.path)
+        ftype = FTYPE_GUESSED if self.type_overrides else None
         self.writer.open(lambda gw: add_model_metadata(gw, cfg, self.tok, self.scheme, name=self.name or _model_name(source),
-                                                        sampling=sampling, extra=self.extra))
+                                                        sampling=sampling, extra=self.extra, file_type=ftype))
         rf = self.plan.get("rope_freqs.weight")
         if rf is not None:
             self.writer.write(rf.name, rope_freqs_tensor(cfg))

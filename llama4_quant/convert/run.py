@@ -53,6 +53,18 @@ class ConvertOptions:
     hessian_memory: int = 8 << 30
     force: bool = False
     name: str | None = None  # GGUF general.name (default: the model directory's name)
+    # --to gguf: per-tensor types for a budget (convert/fit.py), or replayed from a plan file
+    fit: int | None = None  # device memory (bytes) the model plus KV cache for `context` must fit
+    target_size: int | None = None  # file bytes
+    target_bpw: float | None = None
+    context: int = 8192
+    reserve: int = 10**9
+    plan: str | None = None  # a saved plan to replay
+    plan_only: bool = False
+    # --to gguf: the vision tower as llama.cpp's mmproj GGUF (convert/mmproj.py)
+    mmproj: str | None = None  # None: none; "": mmproj-OUT.gguf beside OUT; else its path
+    mmproj_type: str | None = None  # f16 (default), bf16, q8_0
+    mmproj_only: bool = False  # write only the projector, to OUT
     verify: VerifyOptions | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -104,23 +116,31 @@ def _load_calibration(o: ConvertOptions, reader) -> tuple[Any, dict, list[int]]:
 def run_convert(o: ConvertOptions, progress=None, source=None) -> dict[str, Any]:
     """Convert o.model into o.out; returns the `--json` summary (with "verification" under --verify). Under
     torchrun, ranks other than 0 return {"rank": r, "world": n} (rank 0 writes and summarises)."""
+    from . import mmproj as mmp
+
     t0 = time.perf_counter()
     fmt, scheme = check_options(o, formats())
+    mmp.check_options(o)
+    if o.mmproj_only:
+        return mmp.run_mmproj_only(o, source)
     method = fmt.resolve_method(scheme, o)
     warnings: list[str] = list(fmt.option_warnings(scheme, o))
     if o.verify is not None and o.verify.eval_data is None and not fmt.reads_calibration(method, o):
         raise Llama4QuantError("--verify without calibration data needs --eval-data FILE (this method reads no "
                                "calibration text)")
     exporter = fmt.exporter(o, scheme, method)  # refuses an existing OUT before any expensive work
+    mmproj = mmp.output_for(o)  # and an existing mmproj file
     ranks = from_environment(o.device)  # torchrun: expert-parallel (convert/distributed.py)
     try:
-        return _run(o, fmt, scheme, method, warnings, exporter, ranks, progress, source, t0)
+        return _run(o, fmt, scheme, method, warnings, exporter, ranks, progress, source, t0, mmproj)
     finally:
+        if mmproj is not None:
+            mmproj.abort()  # no-op once published
         shutdown(ranks)
 
 
 def _run(o: ConvertOptions, fmt, scheme: str, method: str, warnings: list[str], exporter, ranks, progress, source,
-         t0: float) -> dict[str, Any]:
+         t0: float, mmproj=None) -> dict[str, Any]:
     from ..calibration.documents import CalibrationError
     from ..hub.resolve import resolve_model
     from ..model.readers import open_checkpoint
@@ -137,6 +157,8 @@ def _run(o: ConvertOptions, fmt, scheme: str, method: str, warnings: list[str], 
 
     # every artifact carries the tokenizer: a corrupt one fails here, not in the user's runtime
     load_tokenizer(o.tokenizer) if o.tokenizer else check_tokenizer(reader.path)
+    if mmproj is not None and ranks.writer:
+        mmproj.stage(reader)  # written and read back under a temp name now; published after the text GGUF
     tokens = info = None
     heldout: list[int] = []
     if fmt.reads_calibration(method, o):
@@ -166,6 +188,9 @@ def _run(o: ConvertOptions, fmt, scheme: str, method: str, warnings: list[str], 
         exporter, progress = ShadowExporter(exporter), None
     pipe = Pipeline(reader, exporter, popts, progress, ranks)
     pipe.warnings.extend(warnings)
+    planned = _plan_types(o, reader, exporter, pipe, tokens, method)
+    if planned is not None and o.plan_only:
+        return planned
     if method == "imatrix":
         exporter.prepare(reader)  # fail fast (tokenizer, destination) before the forward pass
         if o.imatrix_file is not None:
@@ -173,15 +198,25 @@ def _run(o: ConvertOptions, fmt, scheme: str, method: str, warnings: list[str], 
 
             exporter.imatrix = load_imatrix_file(o.imatrix_file, reader.config)
             info = {"source": f"imatrix file {o.imatrix_file}"}
-        else:
+        elif exporter.imatrix is None:
             exporter.imatrix = pipe.collect_importance(tokens)
     manifest = pipe.run(tokens if method == "gptq" else None, info)
     ranks.barrier()
     if not ranks.writer:
         return {"rank": ranks.rank, "world": ranks.world}
     summary = exporter.summary(manifest, time.perf_counter() - t0)
+    if mmproj is not None:
+        from .mmproj import add_to_sidecar
+
+        mmproj.commit()
+        summary = add_to_sidecar(summary, mmproj)
     if ranks.active:
         summary["ranks"] = ranks.world
+    if planned is not None:
+        summary["plan"] = {k: planned["plan"][k] for k in ("file", "tensor_bytes", "predicted_error", "budget")}
+        if o.target_size is not None and summary["total_bytes"] > o.target_size:
+            raise Llama4QuantError(f"the file came out at {summary['total_bytes']} bytes, over --target-size "
+                                   f"{o.target_size}: the size estimate is wrong, please report it")
     if o.verify is not None:
         from .verify import record_verification, verify_artifact
 
@@ -190,6 +225,43 @@ def _run(o: ConvertOptions, fmt, scheme: str, method: str, warnings: list[str], 
                                                   tokenizer=o.tokenizer)
         record_verification(exporter.manifest_path(summary), summary["verification"])
     return summary
+
+
+def _plan_types(o: ConvertOptions, reader, exporter, pipe, tokens, method: str) -> dict[str, Any] | None:
+    """--fit / --target-size / --target-bpw: measure, optimise, save the plan and give the exporter its types;
+    --plan FILE: replay one. None when neither is asked for."""
+    targets = (o.fit, o.target_size, o.target_bpw)
+    if o.plan is None and all(t is None for t in targets):
+        if o.plan_only:
+            raise Llama4QuantError("--plan-only needs --fit, --target-size or --target-bpw")
+        return None
+    if o.to != "gguf":
+        raise Llama4QuantError("--fit/--target-size/--target-bpw/--plan choose GGUF types: they need --to gguf")
+    from . import fit
+
+    cfg = reader.config
+    if o.plan is not None:
+        if any(t is not None for t in targets):
+            raise Llama4QuantError("--plan replays a saved plan: give it without --fit/--target-size/--target-bpw")
+        exporter.type_overrides = fit.load_plan(o.plan, cfg)
+        return {"plan": {"file": str(o.plan), "tensor_bytes": None, "predicted_error": None, "budget": None}}
+    if tokens is None:
+        raise Llama4QuantError("--fit needs calibration data to measure each tensor's sensitivity (--calib FILE)")
+    exporter.prepare(reader)  # tokenizer (for the metadata size) and destination checks before any work
+    overhead = fit.metadata_bytes(exporter.tok, len(exporter.plan))
+    budget = fit.budget_for(cfg, target_size=o.target_size, target_bpw=o.target_bpw, fit=o.fit, context=o.context,
+                            reserve=o.reserve, overhead=overhead)
+    importance = pipe.collect_importance(tokens)
+    if method == "imatrix":
+        exporter.imatrix = importance
+    measured = fit.measure(reader, importance)
+    plan = fit.make_plan(measured, fit.optimise(measured, budget.tensor_bytes), budget)
+    path = Path(str(o.out) + ".plan.json")
+    plan["file"] = str(fit.save_plan(plan, path))
+    exporter.type_overrides = {k: v["type"] for k, v in plan["tensors"].items()}
+    exporter.writer = None  # the plan changes the file layout: prepare again with the new types
+    exporter.source = None
+    return {"plan": plan, "format": "gguf", "plan_only": o.plan_only, "output": None, "warnings": []}
 
 
 def _is_hub_id(model: str) -> bool:

@@ -99,7 +99,7 @@ def generation_defaults(model_dir: str | Path) -> dict[str, float | int]:
 
 def add_model_metadata(w: GGUFWriter, cfg: Llama4Config, tok: TokenizerData, scheme: str, *,
                        name: str, sampling: dict[str, float | int] | None = None,
-                       extra: dict[str, Any] | None = None) -> None:
+                       extra: dict[str, Any] | None = None, file_type: int | None = None) -> None:
     """Every key llama.cpp reads for llama4 (src/llama-model.cpp, src/models/llama4.cpp), the tokenizer
     (src/llama-vocab.cpp) and general.* (see docs/gguf.md for the list)."""
     from ... import __version__
@@ -107,7 +107,7 @@ def add_model_metadata(w: GGUFWriter, cfg: Llama4Config, tok: TokenizerData, sch
     w.add_type("model")
     w.add_name(name)
     w.add_quantized_by(f"llama4-quant {__version__}")
-    w.add_file_type(FILE_TYPE[scheme])
+    w.add_file_type(FILE_TYPE[scheme] if file_type is None else file_type)
     w.add_quantization_version(GGML_QUANT_VERSION)
     for k, v in (sampling or {}).items():
         getattr(w, f"add_sampling_{k}")(v)
