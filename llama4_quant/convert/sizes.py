@@ -55,5 +55,7 @@ def memory_table(cfg: Llama4Config, context: int, gpu_mem: int | None) -> dict[s
         w = weights_bytes(cfg, scheme)
         row = {"weights_bytes": w, "kv_cache_bytes": kv, "total_bytes": w + kv}
         row["fits"] = None if gpu_mem is None else (w + kv) <= gpu_mem
+        # devices of gpu_mem to serve it (weights split evenly, each device holding its share of the KV cache)
+        row["gpus"] = None if not gpu_mem else max(1, -(-(w + kv) // gpu_mem))
         table[key] = row
     return table
