@@ -22,6 +22,7 @@ def describe_model(model: str, context: int, gpu_mem: int | None) -> dict:
         cfg = from_hf_dict(preset["config"])
         vision = vision_param_count(preset["config"]["vision_config"], cfg.hidden_size)
         source = {"preset": model.lower(), "repo_id": preset["repo_id"]}
+        tower = _preset_vision(preset["config"]["vision_config"], cfg.hidden_size, vision)
     else:
         from ..model.readers import open_checkpoint
         from ..hub.resolve import resolve_model
@@ -45,6 +46,9 @@ def describe_model(model: str, context: int, gpu_mem: int | None) -> dict:
         cfg = reader.config
         vision = sum(_numel(t.shape) for t in reader.vision_tensors())
         source = {"path": str(path), "layout": reader.layout}
+        from ..convert.mmproj import vision_summary
+
+        tower = vision_summary(reader)
     arch = {
         "layers": cfg.num_layers,
         "hidden_size": cfg.hidden_size,
@@ -71,10 +75,35 @@ def describe_model(model: str, context: int, gpu_mem: int | None) -> dict:
         "source": source,
         "architecture": arch,
         "params": param_counts(cfg, vision),
+        "vision_tower": tower,
         "memory": memory_table(cfg, context, gpu_mem),
         "context": context,
         "gpu_mem_bytes": gpu_mem,
     }
+
+
+def _preset_vision(vc: dict, text_hidden: int, params: int) -> dict:
+    """A preset's vision tower (Meta ships it in bf16) and its mmproj file size per --mmproj-type."""
+    from ..formats.gguf.mmproj import mmproj_sizes, vision_params
+
+    vp = vision_params(vc, text_hidden)
+    return {"params": params, "bytes": 2 * params, "by_dtype": {"BF16": {"params": params, "bytes": 2 * params}},
+            "layers": vp.num_layers, "hidden_size": vp.hidden_size, "image_size": vp.image_size,
+            "patch_size": vp.patch_size, "mmproj_bytes": mmproj_sizes(vp)}
+
+
+def _vision_text(v: dict | None) -> str:
+    if not v:
+        return ("vision tower: none read (a text-only checkpoint, or Meta's .pth layout, which is read for the text "
+                "model only): no mmproj from it")
+    dtypes = ", ".join(f"{k} {human(x['bytes'])}" for k, x in v["by_dtype"].items())
+    text = f"vision tower: {v['params']:,} params ({dtypes})"
+    if "layers" in v:
+        text += (f", {v['layers']} layers, width {v['hidden_size']}, image {v['image_size']} / patch {v['patch_size']}"
+                 "; mmproj (--mmproj-type): " + ", ".join(f"{k} {human(b)}" for k, b in v["mmproj_bytes"].items()))
+    elif "mmproj_error" in v:
+        text += f"; no mmproj: {v['mmproj_error']}"
+    return text
 
 
 def _numel(shape) -> int:
@@ -126,21 +155,25 @@ def inspect_cmd(model, gpu_mem, context, as_json):
     for k, v in p.items():
         t.add_row(k, f"{v / 1e9:.3f} B" if v > 1e7 else f"{v:,}")
     con.print(t)
+    con.print(_vision_text(info["vision_tower"]))
     m = Table(title=f"memory (KV cache for {context} tokens, bf16; GB = 10^9 bytes)")
-    for col in ("scheme", "weights", "kv cache", "total", f"fits {human(gpu_mem)}"):
+    for col in ("scheme", "weights", "kv cache", "total", f"fits {human(gpu_mem)}", "GPUs"):
         m.add_column(col, justify="right")
     for k, v in info["memory"].items():
         m.add_row(k, human(v["weights_bytes"]), human(v["kv_cache_bytes"]), human(v["total_bytes"]),
-                  "yes" if v["fits"] else "no")
+                  "yes" if v["fits"] else "no", str(v["gpus"]))
     con.print(m)
 
 
 def inspect_gguf(path: str, as_json: bool) -> dict:
     """`inspect FILE.gguf`: tensor types and sizes of a GGUF we (or llama.cpp) wrote."""
+    from ..formats.gguf.mmproj import is_mmproj
     from ..formats.gguf.reader import describe_gguf
     from ..formats.manifest import check_files
 
     integrity = check_files(path)  # a file that no longer matches its sidecar manifest is refused
+    if is_mmproj(path):
+        return inspect_mmproj(path, integrity, as_json)
     info = {**describe_gguf(path), "integrity": integrity}
     if as_json:
         emit_json(info)
@@ -170,6 +203,46 @@ def inspect_gguf(path: str, as_json: bool) -> dict:
         t.add_row(x["name"], x["type"], "x".join(str(s) for s in x["shape"]), human(x["bytes"]))
     con.print(t)
     return info
+
+
+def inspect_mmproj(path: str, integrity: dict, as_json: bool) -> dict:
+    """`inspect MMPROJ.gguf`: llama.cpp's vision projector file (not a text model)."""
+    from ..formats.gguf.mmproj import describe_mmproj
+
+    info = {**describe_mmproj(path), "integrity": integrity}
+    if as_json:
+        emit_json(info)
+        return info
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    bpw = f", {info['bits_per_weight']:.2f} bits/weight" if info["bits_per_weight"] else ""
+    con.print(f"[bold]{path}[/bold]  mmproj (llama.cpp vision projector, type {info['projector_type']}; load it with "
+              f"--mmproj beside a text GGUF), {human(info['file_bytes'])}, {info['params']:,} params{bpw}")
+    v = info["vision"]
+    con.print(f"vision encoder: {v['block_count']} layers, width {v['embedding_length']}, FFN {v['feed_forward_length']}, "
+              f"{v['head_count']} heads, image {v['image_size']} / patch {v['patch_size']}, pixel-shuffle "
+              f"x{v['scale_factor']}, output width {v['projection_dim']} (the text model's), image mean "
+              f"{_floats(v['image_mean'])} std {_floats(v['image_std'])}")
+    con.print(", ".join(f"{k.split('.', 1)[1]}={x}" for k, x in info["metadata"].items()))
+    t = Table(title="by type")
+    for col in ("type", "tensors", "params", "bytes"):
+        t.add_column(col, justify="right")
+    for k, x in info["by_type"].items():
+        t.add_row(k, str(x["tensors"]), f"{x['params']:,}", human(x["bytes"]))
+    con.print(t)
+    t = Table(title="tensors")
+    for col in ("name", "type", "shape", "bytes"):
+        t.add_column(col, justify="right" if col == "bytes" else "left")
+    for x in info["tensors"]:
+        t.add_row(x["name"], x["type"], "x".join(str(s) for s in x["shape"]), human(x["bytes"]))
+    con.print(t)
+    return info
+
+
+def _floats(xs) -> str:
+    return "[" + ", ".join(f"{x:g}" for x in xs) + "]" if isinstance(xs, list) else str(xs)
 
 
 def _rope_text(r: dict | None) -> str:

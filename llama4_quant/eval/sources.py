@@ -52,6 +52,12 @@ def check_artifact(path: str | Path, *, hashes: bool = True, require_manifest: b
 
         raise CheckpointError(f"{path}: no such file or directory")
     files = check_files(path, hashes=hashes, require=require_manifest)
+    from ..formats.gguf.mmproj import describe_mmproj, is_mmproj
+
+    if path.is_file() and is_mmproj(path):  # a vision projector (llama.cpp's clip layout), not a llama4 model
+        d = describe_mmproj(path)
+        return {"path": str(path), "format": "mmproj", **files, "structure": "ok",
+                "layers": d["layers"], "experts": 0}
     src = open_any(path)
     try:
         cfg = src.config
