@@ -1,8 +1,10 @@
 """GGML block formats as GPTQ grids (the `quant.grid.Grid` interface over `gguf_quants`' grid API).
 
-One GPTQ group is one *param block*: a 256-column super-block for Q4_K/Q5_K/Q6_K (its 8 or 16
+One GPTQ group is one *param block*: a 256-column super-block for the k-quants and IQ4_XS (their 8 or 16
 sub-block scales share the fp16 super-block scale, so they are chosen together), 32 columns for
-Q4_0/Q8_0. `fit` runs llama.cpp's own scale search on the group's current (error-compensated)
+Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL/MXFP4. IQ4_NL, IQ4_XS and MXFP4 are non-linear: a column is rounded to the
+nearest entry of the type's 16-value table times the group's scale.
+`fit` runs llama.cpp's own scale search on the group's current (error-compensated)
 weights, importance-weighted like `llama-quantize --imatrix` when GPTQ hands it the Hessian diagonal
 (diag H = 2 * mean x^2: proportional to llama.cpp's imatrix, and the searches are invariant to a common
 factor). `quantize` rounds columns onto that grid and returns the float32 values llama.cpp decodes.
@@ -18,7 +20,10 @@ import torch
 from . import quants as gq
 from .quants import QT
 
-GRID_TYPES = (QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+GRID_TYPES = (QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q2_K, QT.Q3_K,
+              QT.IQ4_NL, QT.IQ4_XS, QT.MXFP4)
+#: non-linear grids: a code indexes a 16-entry table (value = scale * table[code])
+LEVEL_TYPES = tuple(gq.LEVELS)
 
 
 class FittedBlock:
@@ -65,7 +70,8 @@ class BlockGrid:
 
     def quantize(self, w: torch.Tensor, params: FittedBlock, offset: int = 0) -> torch.Tensor:
         """Columns `offset..` of the group onto its grid: the float32 ops of `gguf_quants.quantize_with_params`
-        + `dequantize_codes` (round half to even of (w + min) / scale, clamped; 0 where scale == 0)."""
+        + `dequantize_codes` (round half to even of (w + min) / scale, clamped; 0 where scale == 0; the nearest
+        table entry for IQ4_NL/IQ4_XS/MXFP4)."""
         k = w.shape[1]
         g0, g1 = offset // self._sub, (offset + k - 1) // self._sub
         if g0 == g1:
@@ -73,10 +79,49 @@ class BlockGrid:
         else:
             idx = torch.div(torch.arange(offset, offset + k, device=w.device), self._sub, rounding_mode="floor")
             s, m = params.scale[:, idx], params.min[:, idx]
+        if self.qtype in LEVEL_TYPES:
+            return _nearest_level(w.float(), s, self.qtype)
+        if self.qtype in (QT.Q4_1, QT.Q5_1):  # decoded as d*q + m (m = -min), the same number as d*q - min
+            v = (w.float() + m) / torch.where(s == 0, torch.ones_like(s), s)
+            q = torch.clamp(torch.round(v), self._qmin, self._qmax)
+            return s * torch.where(s == 0, torch.zeros_like(q), q) + (-m)
         v = (w.float() + m) / torch.where(s == 0, torch.ones_like(s), s)
         q = torch.clamp(torch.round(v), self._qmin, self._qmax)
         q = torch.where(s == 0, torch.zeros_like(q), q)
         return s * q - m
+
+
+_TABLES: dict[tuple[QT, str], torch.Tensor] = {}
+
+
+def _table(qtype: QT, kind: str, device: torch.device) -> torch.Tensor:
+    key = (qtype, f"{kind}@{device}")
+    if key not in _TABLES:
+        from . import kquants as kq
+
+        if kind == "values":
+            t = torch.from_numpy(gq.LEVELS[qtype].astype(np.float32))
+        elif kind == "mids":  # IQ4: the midpoints between neighbouring entries (best_index_int8's rule)
+            v = kq.IQ4NL_VALUES.astype(np.int32)
+            t = torch.from_numpy(((v[:-1] + v[1:]) / 2).astype(np.float32))
+        else:  # MXFP4: the 8 magnitudes
+            t = torch.from_numpy(kq.MXFP4_VALUES[:8].astype(np.float32))
+        _TABLES[key] = t.to(device)
+    return _TABLES[key]
+
+
+def _nearest_level(w: torch.Tensor, s: torch.Tensor, qtype: QT) -> torch.Tensor:
+    """Values of the codes `gguf_quants.quantize_with_params` picks on a non-linear grid (same float32 ops)."""
+    values = _table(qtype, "values", w.device)
+    if qtype == QT.MXFP4:  # the first of the 8 magnitudes nearest to |w|, then the sign (gguf_quants' rule)
+        mags = _table(qtype, "mags", w.device)
+        err = (mags * s.unsqueeze(-1) - w.abs().unsqueeze(-1)).abs()
+        k = torch.argmin(err, dim=-1)
+        idx = torch.where((w < 0) & (k > 0), k + 8, k)
+    else:
+        inv = torch.where(s != 0, 1.0 / torch.where(s != 0, s, torch.ones_like(s)), torch.zeros_like(s))
+        idx = torch.bucketize(w * inv, _table(qtype, "mids", w.device), right=True)
+    return s * values[idx]
 
 
 class FixedParams:

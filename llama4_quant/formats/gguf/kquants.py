@@ -1,4 +1,4 @@
-"""Vectorised scale searches of llama.cpp's k-quants, float32 operation for float32 operation.
+"""Vectorised scale searches of llama.cpp's k-quants, IQ4 and MXFP4, float32 operation for float32 operation.
 
 Every function here works on many blocks at once. Block data is laid out *position-major*: an array of
 shape ``(n, B)`` holds ``B`` blocks of ``n`` values each, so that ``a[i]`` is the i-th value of every block.
@@ -8,7 +8,7 @@ With that, the searches below give the same floats as llama.cpp's reference quan
 FMA contraction (the x86-64 default), and so the same bytes.
 
 The functions return the *search* results (sub-block scales and mins as floats, the codes the search
-chose); turning them into 6/8-bit super-block fields is done by :mod:`llama4_quant.formats.gguf_quants`.
+chose); turning them into 4/6/8-bit super-block fields is done by :mod:`llama4_quant.formats.gguf.quants`.
 This module only knows numpy.
 """
 
@@ -66,6 +66,14 @@ def _round_clip(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return v
 
 
+def _err(t: np.ndarray, mad: bool) -> None:
+    """In place: |t| (``use_mad``) or t*t."""
+    if mad:
+        np.abs(t, out=t)
+    else:
+        t *= t
+
+
 def make_qkx_quants(
     x: np.ndarray,
     w: np.ndarray,
@@ -74,11 +82,13 @@ def make_qkx_quants(
     rdelta: float,
     nstep: int,
     v3: bool,
+    mad: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weighted affine fit ``x ~ scale*L - the_min``, L in [0, nmax], per block of ``x`` (shape (n, B)).
 
     ``v3=False`` is ``make_qkx2_quants`` (used by the reference Q4_K/Q5_K quantizers),
-    ``v3=True`` is ``make_qkx3_quants`` (the imatrix path); squared error. The candidate codes are
+    ``v3=True`` is ``make_qkx3_quants`` (the imatrix path); squared error, or absolute error with ``mad=True``
+    (``use_mad``: the reference Q2_K quantizer). The candidate codes are
     clamped before rounding, which equals C's round-then-clamp wherever C's ``nearest_int`` is
     defined (|v| < 2^22; qkx3 clamps first too). Returns ``(scale[B], the_min[B], L[n, B] uint8)``.
     """
@@ -111,7 +121,7 @@ def make_qkx_quants(
         np.multiply(lf, scale, out=t)
         t += mn
         t -= x
-        t *= t
+        _err(t, mad)
         t *= w
         best = seq_sum(t)
 
@@ -134,7 +144,7 @@ def make_qkx_quants(
             np.multiply(lf, this_scale, out=t)
             t += this_min
             t -= x
-            t *= t
+            _err(t, mad)
             t *= w
             cur = seq_sum(t)
             upd = (D > 0) & (cur < best) & live
@@ -273,3 +283,145 @@ def superblock_sum_x2(x: np.ndarray, sub_per_super: int) -> np.ndarray:
         for i in range(n):
             acc += xx[i, :, j]
     return acc
+
+
+def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric fit ``x ~ scale*l``, l in [-nmax, nmax-1], weights ``x*x``: ``make_q3_quants(..., do_rmse=true)``
+    (the reference Q3_K quantizer).
+
+    Start from ``-nmax / max`` (max = the value of largest magnitude, first one on ties), then up to five
+    greedy passes that move one code at a time to its least-squares optimum while that raises
+    ``sumlx^2 / suml2``. ``x`` is (n, B) position-major; returns ``(scale[B], L[n, B] uint8)`` with
+    ``L = l + nmax`` (L = 0 and scale 0 for a block whose largest magnitude is below 1e-15).
+    """
+    n, nb = x.shape
+    ax = np.abs(x)
+    imax = np.argmax(ax, axis=0)
+    cols = np.arange(nb)
+    amax = ax[imax, cols]
+    mx = x[imax, cols]
+    zero = amax < GROUP_MAX_EPS
+    mx = np.where(zero, F32(1), mx)
+    fnmax = F32(nmax)
+    w = x * x
+    wx = w * x
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = -fnmax / mx
+        v = x * iscale
+        L = _round_clip(v, -nmax, nmax - 1).astype(np.int32)  # signed codes
+        lf = L.astype(F32)
+        sumlx = seq_sum(wx * lf)
+        suml2 = seq_sum((w * lf) * lf)
+        # A pass that changes nothing leaves the state unchanged, so running all five passes equals C's early exit.
+        for _ in range(5):
+            for i in range(n):
+                wi, xi, wxi = w[i], x[i], wx[i]
+                Li = L[i].astype(F32)
+                slx = sumlx - wxi * Li
+                ok = slx > 0
+                sl2 = suml2 - (wi * Li) * Li
+                new_l = np.clip(nearest_int((xi * sl2) / slx), -nmax, nmax - 1)
+                ok &= new_l != L[i]
+                nf = new_l.astype(F32)
+                slx = slx + wxi * nf
+                sl2 = sl2 + (wi * nf) * nf
+                ok &= (sl2 > 0) & ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
+                if ok.any():
+                    L[i] = np.where(ok, new_l, L[i])
+                    sumlx = np.where(ok, slx, sumlx)
+                    suml2 = np.where(ok, sl2, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
+    out = (L + nmax).astype(np.uint8)
+    out[:, zero] = 0
+    scale = np.where(zero, F32(0), scale).astype(F32)
+    return scale, out
+
+
+# ---- non-linear 4-bit grids (IQ4_NL / IQ4_XS) and MXFP4 -------------------------------------------------
+
+IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
+MXFP4_VALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)  # 2 x E2M1
+
+_IQ4_F = IQ4NL_VALUES.astype(F32)
+# best_index_int8 picks the lower of two neighbouring entries a < b iff fl(x - a) < fl(b - x). Wherever the two
+# distances are close enough for rounding to matter they are exact (x is then near the midpoint, within a factor 2
+# of the half-gap), so the rule is x < (a + b)/2: the index is the number of midpoints <= x. The midpoints are
+# half-integers, so that count is a function of floor(2x): one table lookup.
+_IQ4_MID = ((IQ4NL_VALUES[:-1].astype(np.int32) + IQ4NL_VALUES[1:].astype(np.int32)) / 2).astype(F32)
+_IQ4_IDX2 = np.searchsorted(_IQ4_MID, (np.arange(-256, 256) / 2).astype(F32), side="right").astype(np.uint8)
+_IQ4_VAL2 = _IQ4_F[_IQ4_IDX2]
+
+
+def _iq4_slot(v2: np.ndarray) -> np.ndarray:
+    """Index into the ``_IQ4_*2`` tables for ``v2 = 2*v``: floor, clamped to [-256, 255] (NaN -> the top, as in C)."""
+    t = np.floor(v2)
+    np.fmin(t, F32(255), out=t)
+    np.fmax(t, F32(-256), out=t)
+    return t.astype(np.intp) + 256
+
+
+def best_index_iq4(v: np.ndarray) -> np.ndarray:
+    """llama.cpp's ``best_index_int8(16, kvalues_iq4nl, v)``: the nearest table entry, the upper one on a tie
+    (0 at or below the first entry, 15 at or above the last and for NaN)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _IQ4_IDX2[_iq4_slot(np.asarray(v, dtype=F32) * F32(2))]
+
+
+def iq4_block_search(x: np.ndarray, w: np.ndarray, ntry: int) -> np.ndarray:
+    """Scale of each 32-value block of ``quantize_row_iq4_nl_impl`` (``x``, weights ``w``: (32, B)).
+
+    Start at ``d = max/127`` (max = the value of largest magnitude), refit by weighted least squares on the
+    table codes, then try ``(t - 127)/max`` for t in [-ntry, ntry]; a block whose largest magnitude is below
+    1e-15 gets scale 0. Returns ``scale[B]`` (float32)."""
+    nb = x.shape[1]
+    ax = np.abs(x)
+    imax = np.argmax(ax, axis=0)
+    cols = np.arange(nb)
+    amax = ax[imax, cols]
+    mx = x[imax, cols]
+    zero = amax < GROUP_MAX_EPS
+    mx = np.where(zero, F32(1), mx)
+    v0 = F32(IQ4NL_VALUES[0])
+    v2 = np.empty_like(x)
+    wq = np.empty_like(x)
+    t = np.empty_like(x)
+
+    def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        np.multiply(x, iscale * F32(2), out=v2)  # == 2 * (x * iscale) exactly
+        q = _IQ4_VAL2[_iq4_slot(v2)]
+        np.multiply(w, q, out=wq)
+        np.multiply(wq, x, out=t)
+        sqx = seq_sum(t)
+        np.multiply(wq, q, out=t)
+        return sqx, seq_sum(t)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        d = (-mx / v0) if ntry > 0 else (mx / v0)
+        sumqx, sumq2 = sums(F32(1) / d)
+        d = np.where(sumq2 > 0, sumqx / sumq2, F32(0))
+        best = d * sumqx
+        for itry in range(-ntry, ntry + 1):
+            sumqx, sumq2 = sums(F32(itry + int(IQ4NL_VALUES[0])) / mx)
+            upd = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            if upd.any():
+                d = np.where(upd, sumqx / sumq2, d)
+                best = np.where(upd, d * sumqx, best)
+    return np.where(zero, F32(0), d).astype(F32)
+
+
+def best_index_mxfp4(x: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """llama.cpp's ``best_index_mxfp4``: the first of the 16 E2M1 codes minimising ``|kvalue*e - x|`` (float32).
+
+    A code of the other sign than ``x`` can never be strictly better than code 0 (its error is at least
+    |x|), and ``-0`` (code 8) only ties with code 0, so only the 8 magnitudes need comparing."""
+    ax = np.abs(x)
+    mags = MXFP4_VALUES[:8].astype(F32)
+    best = np.abs(F32(0) * e - ax)
+    k = np.zeros(x.shape, dtype=np.uint8)
+    for j in range(1, 8):
+        err = np.abs(mags[j] * e - ax)
+        better = err < best
+        best = np.where(better, err, best)
+        k[better] = j
+    neg = (x < 0) & (k > 0)
+    return np.where(neg, k + np.uint8(8), k).astype(np.uint8)

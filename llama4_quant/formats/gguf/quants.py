@@ -1,4 +1,5 @@
-"""GGML block quantizers (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) that write the bytes llama.cpp writes.
+"""GGML block quantizers that write the bytes llama.cpp writes: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K,
+Q5_K, Q6_K, IQ4_NL, IQ4_XS and MXFP4.
 
 Quantizing
 ----------
@@ -7,59 +8,72 @@ Quantizing
 raw_dtype=qtype)`` expects. ``dequantize(packed, qtype)`` decodes it (bit-identical to
 ``gguf.quants.dequantize``). F32/F16/BF16 pass through (``quantize`` returns what gguf-py stores).
 
-The scale searches are those of llama.cpp's ``ggml-quants.c``, vectorised over all blocks with the
-same float32 operations in the same order (see :mod:`llama4_quant.formats.gguf_kquants`):
+The searches are those of llama.cpp's ``ggml-quants.c`` as ``llama-quantize`` calls them
+(``quantize_<type>(src, dst, rows, cols, imatrix)``), vectorised over all blocks with the same float32
+operations in the same order (see :mod:`llama4_quant.formats.gguf.kquants`):
 
-- no imatrix: the reference quantizers ``llama-quantize`` uses then (``quantize_row_q4_K_ref`` etc.:
-  ``make_qkx2_quants`` with weights ``rms(sub-block) + |x|`` for Q4_K/Q5_K, ``make_qx_quants`` with
-  weights ``x^2`` for Q6_K, and the plain max-abs Q4_0/Q8_0 rounding);
-- with an imatrix (one importance per column): the ``quantize_row_*_impl`` paths, i.e.
-  ``make_qkx3_quants`` with weights ``imatrix[col] * sqrt(sigma2 + x^2)`` (``sigma2 = 2*mean(x^2)``
-  over the super-block) followed by ``make_qp_quants`` for the 6-bit sub-block scales and mins
-  (Q4_K/Q5_K); ``make_qx_quants`` weighted by ``imatrix[col]`` (Q6_K); ``make_qx_quants`` with
-  ``imatrix[col] * sqrt(mean_row(x^2) + x^2)`` (Q4_0). Q8_0 ignores the imatrix, as llama.cpp does.
+- no imatrix: the reference quantizers (``quantize_row_q4_K_ref`` etc.): ``make_qkx2_quants`` with
+  weights ``rms(sub-block) + |x|`` for Q4_K/Q5_K and with weights ``|x|`` on the absolute error for Q2_K;
+  ``make_q3_quants`` (weights ``x^2``, greedy code moves) for Q3_K; ``make_qx_quants`` with weights
+  ``x^2`` for Q6_K; the plain max-abs Q4_0/Q5_0/Q8_0 and min-max Q4_1/Q5_1 rounding; for IQ4_NL/IQ4_XS
+  the same search as with an imatrix, weighted by ``x^2`` (``quantize_iq4_*`` have no reference path);
+- with an imatrix (one importance per column): the ``quantize_row_*_impl`` paths, weights
+  ``imatrix[col] * sqrt(sigma2 + x^2)`` with ``sigma2`` a mean of x^2 (``2*mean`` over the super-block for
+  Q3_K/Q4_K/Q5_K and over the block for IQ4; ``mean`` over the super-block for Q2_K, over the row for
+  Q4_0/Q4_1/Q5_0/Q5_1; Q6_K takes ``imatrix[col]`` alone): ``make_qkx3_quants`` + ``make_qp_quants`` for the
+  sub-block scales (Q2_K/Q4_K/Q5_K), ``make_qx_quants`` for codes and scales (Q3_K), ``make_qx_quants``
+  (Q4_0/Q5_0/Q6_K), ``make_qkx3_quants`` (Q4_1/Q5_1), the IQ4 scale search over the non-linear table.
+  Q8_0 and MXFP4 ignore the imatrix, as llama.cpp does.
 
-Q4_0 and Q8_0 output equals ``gguf.quants.quantize``; the k-quant output equals llama.cpp's for the
-same float32 input on builds without FMA contraction of ``ggml-quants.c`` (x86-64 default).
+The output equals llama.cpp's for the same float32 input on builds without FMA contraction of
+``ggml-quants.c`` (x86-64 default), tested against golden vectors of llama.cpp's own code for every type
+and against ``llama-quantize`` end to end. (MXFP4 takes ``floor(log2f(max|x|))``; we round the float64
+log2 to float32, which agrees with glibc's ``log2f`` on the floats just below powers of two, the only ones
+where the floor could differ.)
 
 The grid contract, for GPTQ
 ---------------------------
 A block format is a per-row grid: the columns of a row fall into *groups* of ``group_size`` columns
-(32 for Q4_0/Q8_0/Q4_K/Q5_K, 16 for Q6_K), and group ``g`` of row ``r`` can represent exactly::
+(16 for Q2_K/Q3_K/Q6_K, 32 for the others), and group ``g`` of row ``r`` can represent exactly::
 
     value = float32(float32(scale[r, g] * q) - min[r, g])    for integer q in [qmin, qmax]
 
-(``min`` is all zeros for the symmetric Q4_0/Q8_0/Q6_K). ``scale`` and ``min`` are already what the
-file decodes to (for Q4_K/Q5_K ``scale = fp16 d * 6-bit sc``, ``min = fp16 dmin * 6-bit m``; for Q6_K
-``scale = fp16 d * int8 sc``), so these are the values llama.cpp computes with. The code range is
+(``min`` is all zeros for the symmetric Q4_0/Q5_0/Q8_0/Q3_K/Q6_K; Q4_1/Q5_1 store ``m = -min`` and decode
+``d*q + m``, the same number). For the non-linear IQ4_NL/IQ4_XS/MXFP4 the code is an index 0..15 into
+``LEVELS[qtype]`` and ``value = float32(scale * LEVELS[qtype][q])``. ``scale`` and ``min`` are already what
+the file decodes to (for Q4_K/Q5_K ``scale = fp16 d * 6-bit sc``, ``min = fp16 dmin * 6-bit m``; Q2_K the
+same with 4 bits; Q3_K ``fp16 d * (6-bit sc - 32)``; Q6_K ``fp16 d * int8 sc``; IQ4_XS ``fp16 d * (6-bit sc
+- 32)``; MXFP4 ``2^(e-128)``, and ``BlockParams.d`` holds the uint8 exponent ``e``), so these are the values
+llama.cpp computes with. The code range is
 
-    Q4_K: [0, 15]   Q5_K: [0, 31]   Q6_K: [-32, 31]   Q4_0: [-8, 7]   Q8_0: [-127, 127]
+    Q2_K: [0, 3]  Q3_K: [-4, 3]  Q4_K/Q4_1: [0, 15]  Q5_K/Q5_1: [0, 31]  Q6_K: [-32, 31]
+    Q4_0: [-8, 7]  Q5_0: [-16, 15]  Q8_0: [-127, 127]  IQ4_NL/IQ4_XS/MXFP4: [0, 15] (table indices)
 
 (Q8_0 files can also hold -128, which llama.cpp never writes; ``pack``/``unpack`` accept it.)
 
-Group parameters of a k-quant are chosen jointly for a whole *param block* of ``param_block_cols``
-columns (256: the super-block, which shares ``d``/``dmin``; 32 for Q4_0/Q8_0). The API:
+Group parameters are chosen jointly for a whole *param block* of ``param_block_cols`` columns (256 for
+the super-block types Q2_K..Q6_K and IQ4_XS, which share ``d``/``dmin``; 32 for the others). The API:
 
 - ``block_params(w, qtype, imatrix=None) -> BlockParams`` for ``w[rows, k * param_block_cols]``
   (numpy or torch): runs the same search as ``quantize``. GPTQ calls it when it reaches the first
   column of a param block, on the (partially updated) weights of that param block only, with the
-  imatrix entries of those columns (one exception to "same as quantize": Q4_0's imatrix weights use
-  the mean of x^2 over the columns given, which llama.cpp takes over the whole row);
+  imatrix entries of those columns (one exception to "same as quantize": Q4_0/Q4_1/Q5_0/Q5_1's imatrix
+  weights use the mean of x^2 over the columns given, which llama.cpp takes over the whole row);
 - ``quantize_with_params(w, params, col_offset=0) -> codes``: ``w[rows, n]`` are columns
   ``col_offset .. col_offset+n-1`` of ``params``; returns int16 codes (numpy or torch, like ``w``),
   ``clamp(round_half_even((w + min) / scale), qmin, qmax)`` and 0 where ``scale == 0`` (every code
-  then decodes to ``-min``);
+  then decodes to ``-min``); for the non-linear types the table entry llama.cpp's final rounding picks;
 - ``dequantize_codes(codes, params, col_offset=0)``: the grid values above, same float32 ops as
   llama.cpp/gguf-py;
 - ``concat_params([p0, p1, ...])`` joins param blocks along columns; ``pack(codes, params)`` returns
   the uint8 rows for the file: ``dequantize(pack(c, p), qtype) == dequantize_codes(c, p)`` exactly.
 
-For Q4_K/Q5_K/Q6_K, ``pack(quantize_with_params(w, p), p)`` with ``p = block_params(w, ...)`` decodes
+For Q2_K/Q3_K/Q4_K/Q5_K/Q6_K, ``pack(quantize_with_params(w, p), p)`` with ``p = block_params(w, ...)`` decodes
 to exactly ``dequantize(quantize(w, ...))``. (Bytes can differ only in sub-blocks whose scale is 0,
 where llama.cpp keeps the search's codes: all codes decode to the same value there, up to the sign
-of a zero.) For Q4_0/Q8_0,
-llama.cpp rounds with the unrounded fp32 scale; ``quantize_with_params`` rounds onto the stored fp16
-grid instead, which can differ by one code on near-ties.
+of a zero.) For Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (no imatrix), IQ4_NL and IQ4_XS, llama.cpp rounds with the
+unrounded fp32 scale (and min); ``quantize_with_params`` rounds onto the stored fp16 grid instead, which
+can differ by one code on near-ties. MXFP4's scale is exact, so its codes agree.
 """
 
 from __future__ import annotations
@@ -92,11 +106,27 @@ class _Info:
 _INFO: dict[QT, _Info] = {
     QT.Q8_0: _Info(32, 34, 32, -127, 127),
     QT.Q4_0: _Info(32, 18, 32, -8, 7),
+    QT.Q4_1: _Info(32, 20, 32, 0, 15),
+    QT.Q5_0: _Info(32, 22, 32, -16, 15),
+    QT.Q5_1: _Info(32, 24, 32, 0, 31),
+    QT.Q2_K: _Info(QK_K, 84, 16, 0, 3),
+    QT.Q3_K: _Info(QK_K, 110, 16, -4, 3),
     QT.Q4_K: _Info(QK_K, 144, 32, 0, 15),
     QT.Q5_K: _Info(QK_K, 176, 32, 0, 31),
     QT.Q6_K: _Info(QK_K, 210, 16, -32, 31),
+    # non-linear: the code indexes a 16-entry table, value = scale * table[code]
+    QT.IQ4_NL: _Info(32, 18, 32, 0, 15),
+    QT.IQ4_XS: _Info(QK_K, 136, 32, 0, 15),
+    QT.MXFP4: _Info(32, 17, 32, 0, 15),
 }
 _AFFINE = (QT.Q4_K, QT.Q5_K)
+_AFFINE_32 = (QT.Q4_1, QT.Q5_1)  # d, m per 32: value = d*q + m
+#: the value tables of the non-linear types (``dequantize_codes`` maps codes through them)
+LEVELS: dict[QT, np.ndarray] = {QT.IQ4_NL: kq.IQ4NL_VALUES, QT.IQ4_XS: kq.IQ4NL_VALUES, QT.MXFP4: kq.MXFP4_VALUES}
+# stored code = signed code + offset
+_OFFSET = {QT.Q6_K: 32, QT.Q4_0: 8, QT.Q3_K: 4, QT.Q5_0: 16}
+# types whose quantizer ignores the importance matrix (as llama.cpp's does)
+_NO_IMATRIX = (QT.Q8_0, QT.MXFP4)
 _PASSTHROUGH = (QT.F32, QT.F16, QT.BF16)
 SUPPORTED_TYPES: tuple[QT, ...] = tuple(_INFO) + _PASSTHROUGH
 
@@ -170,6 +200,13 @@ class BlockParams:
         return _info(self.qtype).qmax
 
 
+def e8m0_half(e: np.ndarray) -> np.ndarray:
+    """``ggml_e8m0_to_fp32_half``: 2^(e-128) as float32 (subnormal for e < 2)."""
+    e = np.asarray(e, dtype=np.uint32)
+    bits = np.where(e < 2, np.uint32(0x00200000) << e, (e - np.uint32(1)) << np.uint32(23))
+    return bits.astype(np.uint32).view(F32)
+
+
 def _make_params(
     qtype: QT,
     d: np.ndarray,
@@ -177,23 +214,34 @@ def _make_params(
     sc: np.ndarray | None = None,
     m: np.ndarray | None = None,
 ) -> BlockParams:
-    """Decoded grid from stored fields (``d``/``dmin`` float16 [rows, nb], ``sc``/``m`` [rows, ng])."""
+    """Decoded grid from stored fields (``d``/``dmin`` float16 [rows, nb], ``sc``/``m`` [rows, ng];
+    for MXFP4 ``d`` is the uint8 E8M0 exponent)."""
+    if qtype == QT.MXFP4:
+        e = np.ascontiguousarray(d, dtype=np.uint8)
+        scale = e8m0_half(e)
+        return BlockParams(qtype, scale, np.zeros_like(scale), e)
     d = np.ascontiguousarray(d, dtype=np.float16)
     d32 = d.astype(F32)
     with np.errstate(invalid="ignore", over="ignore"):  # arbitrary file bytes may hold Inf/NaN scales
-        if qtype in _AFFINE:
+        if qtype in _AFFINE or qtype == QT.Q2_K:
             assert dmin is not None and sc is not None and m is not None
+            per = 8 if qtype in _AFFINE else 16
             sc = np.ascontiguousarray(sc, dtype=np.uint8)
             m = np.ascontiguousarray(m, dtype=np.uint8)
             dmin = np.ascontiguousarray(dmin, dtype=np.float16)
-            scale = np.repeat(d32, 8, axis=1) * sc.astype(F32)
-            mins = np.repeat(dmin.astype(F32), 8, axis=1) * m.astype(F32)
+            scale = np.repeat(d32, per, axis=1) * sc.astype(F32)
+            mins = np.repeat(dmin.astype(F32), per, axis=1) * m.astype(F32)
             return BlockParams(qtype, scale, mins, d, dmin, sc, m)
-        if qtype == QT.Q6_K:
+        if qtype in (QT.Q6_K, QT.Q3_K, QT.IQ4_XS):
             assert sc is not None
+            per = 8 if qtype == QT.IQ4_XS else 16
             sc = np.ascontiguousarray(sc, dtype=np.int8)
-            scale = np.repeat(d32, 16, axis=1) * sc.astype(F32)
+            scale = np.repeat(d32, per, axis=1) * sc.astype(F32)
             return BlockParams(qtype, scale, np.zeros_like(scale), d, None, sc, None)
+        if qtype in _AFFINE_32:
+            assert dmin is not None
+            dmin = np.ascontiguousarray(dmin, dtype=np.float16)
+            return BlockParams(qtype, d32, -dmin.astype(F32), d, dmin)
     return BlockParams(qtype, d32, np.zeros_like(d32), d)
 
 
@@ -350,6 +398,187 @@ def _row_sigma2(x: np.ndarray) -> np.ndarray:
     return np.add.accumulate(x * x, axis=1)[:, -1] / F32(x.shape[1])
 
 
+def _first_extreme(x: np.ndarray, fn: Callable[..., np.ndarray]) -> np.ndarray:
+    """The first element of each row equal to its min/max (C's strict ``<``/``>`` scan keeps the first one,
+    which decides the sign of a zero)."""
+    return x[np.arange(x.shape[0]), fn(x, axis=1)]
+
+
+def _search_legacy(x: np.ndarray, qw: np.ndarray | None, sigma2: np.ndarray | None, qtype: QT) -> tuple[Any, ...]:
+    """Q4_1 / Q5_0 / Q5_1 for ``x[nb, 32]``: (d16, m16 or None, stored codes [nb, 32]).
+
+    No imatrix: the reference rounding (``quantize_row_q4_1_ref`` ...): Q4_1/Q5_1 map [min, max] onto
+    0..nmax with ``d = (max-min)/nmax`` and truncate ``(x-min)/d + 0.5``; Q5_0 like Q4_0 with
+    ``d = x*/-16``. With an imatrix (weights ``imatrix[col] * sqrt(mean_row(x^2) + x^2)``): Q5_0 the
+    symmetric ``make_qx_quants``, Q4_1/Q5_1 the affine ``make_qkx3_quants`` (37 tries); their codes are
+    stored as searched."""
+    nmax = _info(qtype).qmax
+    if qw is None:
+        if qtype == QT.Q5_0:
+            imax = np.argmax(np.abs(x), axis=1)
+            mx = x[np.arange(x.shape[0]), imax]
+            d = mx / F32(-16)
+            with np.errstate(divide="ignore"):
+                inv = np.where(d == 0, F32(0), F32(1) / d)
+            stored = np.minimum(np.trunc(x * inv[:, None] + F32(16.5)).astype(np.int32), 31)
+            return d.astype(np.float16), None, stored.astype(np.uint8)
+        mn = _first_extreme(x, np.argmin)
+        mx = _first_extreme(x, np.argmax)
+        d = (mx - mn) / F32(nmax)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d == 0, F32(0), F32(1) / d)
+        v = np.trunc((x - mn[:, None]) * inv[:, None] + F32(0.5)).astype(np.int32)
+        stored = np.minimum(v, 15) if qtype == QT.Q4_1 else v & 0xFF
+        return d.astype(np.float16), mn.astype(np.float16), stored.astype(np.uint8)
+    assert sigma2 is not None
+    xt = np.ascontiguousarray(x.T)
+    w = np.ascontiguousarray(qw.T) * np.sqrt(sigma2[None, :] + xt * xt)
+    if qtype == QT.Q5_0:
+        scale, L = kq.make_qx_quants(xt, w, 16)
+        return scale.astype(np.float16), None, np.ascontiguousarray(L.T)
+    scale, the_min, L = kq.make_qkx_quants(xt, w, nmax, -0.9, 0.05, 36, v3=True)
+    return scale.astype(np.float16), (-the_min).astype(np.float16), np.ascontiguousarray(L.T)
+
+
+def _requantize(x: np.ndarray, d: np.ndarray, dm: np.ndarray | None, searched: np.ndarray, lo: int, hi: int,
+                offset: int) -> np.ndarray:
+    """llama.cpp's final pass of the k-quants: ``clamp(round((x + dm) / d), lo, hi) + offset`` per group,
+    keeping the search's stored codes where ``d == 0``. ``x``/``searched``: [..., g]; ``d``/``dm``: [...]."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = x if dm is None else x + dm[..., None]
+        lq = np.clip(kq.nearest_int(v / d[..., None]), lo, hi) + offset
+    return np.where(d[..., None] != 0, lq, searched).astype(np.uint8)
+
+
+def _search_q2_k(x: np.ndarray, qw: np.ndarray | None) -> tuple[Any, ...]:
+    """Q2_K for ``x[s, 256]``: (d16, dmin16, 4-bit sc[s, 16], 4-bit m[s, 16], stored codes[s, 256] in 0..3).
+
+    No imatrix (``quantize_row_q2_K_ref``): per group of 16, ``make_qkx2_quants`` with weights |x| on the
+    absolute error (16 tries from -0.5 by 0.1); scales and mins on 4 bits against their maxima.
+    Imatrix (``quantize_row_q2_K_impl``): weights ``imatrix * sqrt(mean(x^2) + x^2)`` (mean over the
+    super-block), ``make_qkx3_quants`` (37 tries from -0.9 by 0.05), ``make_qp_quants`` for the 4-bit scales
+    and mins, weighted by each group's weight sum. Then the final re-rounding on the stored grid."""
+    s = x.shape[0]
+    xt = np.ascontiguousarray(x.reshape(s * 16, 16).T)
+    if qw is None:
+        scales, mins, L = kq.make_qkx_quants(xt, np.abs(xt), 3, -0.5, 0.1, 15, v3=False, mad=True)
+        scales = scales.reshape(s, 16)
+        mins = mins.reshape(s, 16)
+        max_scale = np.maximum(scales.max(axis=1), F32(0))
+        max_min = np.maximum(mins.max(axis=1), F32(0))
+        with np.errstate(divide="ignore"):
+            inv_scale = np.where(max_scale > 0, F32(15) / max_scale, F32(0))
+            inv_min = np.where(max_min > 0, F32(15) / max_min, F32(0))
+        ls = np.where(max_scale[:, None] > 0, kq.nearest_int(inv_scale[:, None] * scales), 0)
+        lm = np.where(max_min[:, None] > 0, kq.nearest_int(inv_min[:, None] * mins), 0)
+        d16 = np.where(max_scale > 0, max_scale / F32(15), F32(0)).astype(np.float16)
+        dmin16 = np.where(max_min > 0, max_min / F32(15), F32(0)).astype(np.float16)
+    else:
+        sigma2 = kq.superblock_sum_x2(xt, 16) / F32(QK_K)
+        qwt = np.ascontiguousarray(qw.reshape(s * 16, 16).T)
+        w = qwt * np.sqrt(np.repeat(sigma2, 16)[None, :] + xt * xt)
+        sw = np.ascontiguousarray(kq.seq_sum(w).reshape(s, 16).T)
+        scales, mins, L = kq.make_qkx_quants(xt, w, 3, -0.9, 0.05, 36, v3=True)
+        dm, ls_t = kq.make_qp_quants(np.ascontiguousarray(scales.reshape(s, 16).T), sw, 15)
+        mm, lm_t = kq.make_qp_quants(np.ascontiguousarray(mins.reshape(s, 16).T), sw, 15)
+        ls, lm = ls_t.T.astype(np.int32), lm_t.T.astype(np.int32)
+        d16, dmin16 = dm.astype(np.float16), mm.astype(np.float16)
+    byte = ((ls & 0xFF) | (lm << 4)) & 0xFF  # C stores the scale, then ORs the min into the high nibble
+    sc, m = (byte & 0xF).astype(np.uint8), (byte >> 4).astype(np.uint8)
+    d = d16.astype(F32)[:, None] * sc.astype(F32)
+    dm_ = dmin16.astype(F32)[:, None] * m.astype(F32)
+    codes = _requantize(x.reshape(s, 16, 16), d, dm_, L.T.reshape(s, 16, 16), 0, 3, 0).reshape(s, QK_K)
+    return d16, dmin16, sc, m, codes
+
+
+def _search_q3_k(x: np.ndarray, qw: np.ndarray | None) -> tuple[Any, ...]:
+    """Q3_K for ``x[s, 256]``: (d16, signed 6-bit sc[s, 16] (int8, -32..31), stored codes[s, 256] in 0..7).
+
+    No imatrix (``quantize_row_q3_K_ref``): per group of 16, ``make_q3_quants`` (weights x^2, greedy code
+    moves); the 16 scales go to 6 bits with ``d = -max_scale/32``. Imatrix (``quantize_row_q3_K_impl``):
+    ``make_qx_quants`` with weights ``imatrix * sqrt(2*mean(x^2) + x^2)``, then the scales themselves by
+    ``make_qx_quants`` (codes -32..31) weighted by each group's weight sum. Then the final re-rounding
+    ``clamp(round(x / (d*sc)), -4, 3)``."""
+    s = x.shape[0]
+    xt = np.ascontiguousarray(x.reshape(s * 16, 16).T)
+    if qw is None:
+        scales, L = kq.make_q3_quants(xt, 4)
+        scales = scales.reshape(s, 16)
+        imax = np.argmax(np.abs(scales), axis=1)
+        max_scale = scales[np.arange(s), imax]
+        live = max_scale != 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iscale = F32(-32) / np.where(live, max_scale, F32(1))
+            u = np.clip(kq.nearest_int(iscale[:, None] * scales), -32, 31) + 32
+            d16 = np.where(live, F32(1) / iscale, F32(0)).astype(np.float16)
+        u = np.where(live[:, None], u, 0)
+    else:
+        sigma2 = F32(2) * kq.superblock_sum_x2(xt, 16) / F32(QK_K)
+        qwt = np.ascontiguousarray(qw.reshape(s * 16, 16).T)
+        w = qwt * np.sqrt(np.repeat(sigma2, 16)[None, :] + xt * xt)
+        sw = np.ascontiguousarray(kq.seq_sum(w).reshape(s, 16).T)
+        scales, L = kq.make_qx_quants(xt, w, 4)
+        d_block, u_t = kq.make_qx_quants(np.ascontiguousarray(scales.reshape(s, 16).T), sw, 32)
+        u = u_t.T.astype(np.int32)
+        d16 = d_block.astype(np.float16)
+    sc = (u - 32).astype(np.int8)
+    d = d16.astype(F32)[:, None] * sc.astype(F32)
+    codes = _requantize(x.reshape(s, 16, 16), d, None, L.T.reshape(s, 16, 16), -4, 3, 4).reshape(s, QK_K)
+    return d16, sc, codes
+
+
+def _search_iq4(x: np.ndarray, qw: np.ndarray | None) -> tuple[Any, ...]:
+    """IQ4_NL (``x[nb, 32]``) or IQ4_XS (``x[s, 256]``): ``quantize_row_iq4_nl_impl`` as ``quantize_iq4_nl`` /
+    ``quantize_iq4_xs`` call it (7 tries each side, with or without an imatrix).
+
+    Weights ``imatrix * sqrt(2*mean(x^2) + x^2)`` (mean over the 32 or 256 values) or ``x^2``; per block of 32
+    a scale search over the table codes (``iq4_block_search``). IQ4_NL stores that scale as the f16 ``d`` and
+    rounds with it; IQ4_XS puts the 8 scales on 6 bits (``d = -max_scale/32``) and rounds each block with
+    ``d*l``. Returns (d16, signed sc[s, 8] int8 or None, codes [.., 32*k] in 0..15)."""
+    n_super, width = x.shape
+    k = width // 32
+    xt = np.ascontiguousarray(x.reshape(n_super * k, 32).T)
+    sig = kq.superblock_sum_x2(xt, k) * F32(2.0 / width)
+    if qw is None:
+        w = xt * xt
+    else:
+        qwt = np.ascontiguousarray(qw.reshape(n_super * k, 32).T)
+        w = qwt * np.sqrt(np.repeat(sig, k)[None, :] + xt * xt)
+    scales = kq.iq4_block_search(xt, w, 7)
+    xb = x.reshape(n_super, k, 32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if k == 1:
+            d16 = scales.astype(np.float16)
+            inv = np.where(scales != 0, F32(1) / np.where(scales != 0, scales, F32(1)), F32(0))
+            codes = kq.best_index_iq4(xb[:, 0] * inv[:, None])
+            return d16, None, codes
+        sc2 = scales.reshape(n_super, k)
+        imax = np.argmax(np.abs(sc2), axis=1)
+        max_scale = sc2[np.arange(n_super), imax]
+        d = -max_scale / F32(32)
+        d16 = d.astype(np.float16)
+        inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
+        l = np.clip(kq.nearest_int(inv[:, None] * sc2), -32, 31)
+        dl = d[:, None] * l.astype(F32)
+        idl = np.where(dl != 0, F32(1) / np.where(dl != 0, dl, F32(1)), F32(0))
+        codes = kq.best_index_iq4(idl[..., None] * xb).reshape(n_super, width)
+    return d16, l.astype(np.int8), codes
+
+
+def _search_mxfp4(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """MXFP4 for ``x[nb, 32]`` (``quantize_row_mxfp4_ref``; the imatrix is ignored, as in llama.cpp): the E8M0
+    exponent ``floor(log2(max|x|)) - 2 + 127`` and the nearest E2M1 code of each value. (e uint8, codes)."""
+    amax = np.abs(x).max(axis=1)
+    with np.errstate(divide="ignore"):
+        # log2f as the float64 log2 rounded to float32; only a result rounding up to an integer could change the
+        # floor, and glibc's log2f agrees on every float up to 40 ulps below each power of two 2^-120..2^119
+        lg = np.log2(amax.astype(np.float64)).astype(F32)
+        ef = np.where(amax > 0, np.floor(lg) - F32(2) + F32(127), F32(0))
+    e = (ef.astype(np.int64) & 0xFF).astype(np.uint8)
+    codes = kq.best_index_mxfp4(x, e8m0_half(e)[:, None])
+    return e, codes
+
+
 def _search_rows(x: np.ndarray, qw: np.ndarray | None, qtype: QT) -> tuple[BlockParams, np.ndarray]:
     """Params and stored codes ([rows, cols] uint8/int8) for a 2-D float32 block of rows."""
     rows, cols = x.shape
@@ -367,6 +596,23 @@ def _search_rows(x: np.ndarray, qw: np.ndarray | None, qtype: QT) -> tuple[Block
     elif qtype == QT.Q8_0:
         d16, codes = _search_q8_0(blocks)
         params = _make_params(qtype, d16.reshape(rows, nb))
+    elif qtype == QT.Q2_K:
+        d16, dmin16, sc, m, codes = _search_q2_k(blocks, qblocks)
+        params = _make_params(qtype, d16.reshape(rows, nb), dmin16.reshape(rows, nb),
+                              sc.reshape(rows, nb * 16), m.reshape(rows, nb * 16))
+    elif qtype == QT.Q3_K:
+        d16, sc, codes = _search_q3_k(blocks, qblocks)
+        params = _make_params(qtype, d16.reshape(rows, nb), sc=sc.reshape(rows, nb * 16))
+    elif qtype in (QT.IQ4_NL, QT.IQ4_XS):
+        d16, sc, codes = _search_iq4(blocks, qblocks)
+        params = _make_params(qtype, d16.reshape(rows, nb), sc=None if sc is None else sc.reshape(rows, nb * 8))
+    elif qtype == QT.MXFP4:
+        e, codes = _search_mxfp4(blocks)
+        params = _make_params(qtype, e.reshape(rows, nb))
+    elif qtype in (QT.Q4_1, QT.Q5_0, QT.Q5_1):
+        sigma2 = None if qw is None else np.repeat(_row_sigma2(x), nb)
+        d16, m16, codes = _search_legacy(blocks, qblocks, sigma2, qtype)
+        params = _make_params(qtype, d16.reshape(rows, nb), None if m16 is None else m16.reshape(rows, nb))
     else:
         sigma2 = None if qw is None else np.repeat(_row_sigma2(x), nb)
         d16, codes = _search_q4_0(blocks, qblocks, sigma2)
@@ -383,6 +629,57 @@ def _f16_bytes(d: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(d, dtype=np.float16).reshape(-1, 1).view(np.uint8)
 
 
+def _nibbles(L: np.ndarray) -> np.ndarray:
+    """``[n, 32]`` codes -> 16 bytes per row: element j in the low nibble of byte j, element j+16 in the high."""
+    L = L.astype(np.uint8)
+    return (L[:, :16] & np.uint8(0xF)) | ((L[:, 16:] & np.uint8(0xF)) << np.uint8(4))
+
+
+def _unnibbles(qs: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_nibbles` (``[n, 16]`` bytes -> ``[n, 32]`` codes)."""
+    return np.concatenate([qs & 0xF, qs >> 4], axis=1)
+
+
+def _qh32(L: np.ndarray) -> np.ndarray:
+    """Fifth bit of the 32 codes of each row as a little-endian uint32 (bit j = element j), as 4 bytes."""
+    bits = ((L.astype(np.uint32) >> np.uint32(4)) & np.uint32(1)) << np.arange(32, dtype=np.uint32)
+    return np.bitwise_or.reduce(bits, axis=1).astype("<u4").reshape(-1, 1).view(np.uint8)
+
+
+def _unqh32(qh: np.ndarray) -> np.ndarray:
+    v = np.ascontiguousarray(qh).view("<u4").reshape(-1, 1)
+    return ((v >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+
+
+def _crumbs(L: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K ``qs[64]`` from the low 2 bits of 256 codes: byte ``32h + l`` holds elements
+    ``128h + l + 32k`` at bits ``2k`` (k = 0..3)."""
+    L = (L.astype(np.uint8) & np.uint8(3)).reshape(-1, 2, 4, 32)
+    out = L[:, :, 0] | (L[:, :, 1] << np.uint8(2)) | (L[:, :, 2] << np.uint8(4)) | (L[:, :, 3] << np.uint8(6))
+    return out.reshape(-1, 64)
+
+
+def _uncrumbs(qs: np.ndarray) -> np.ndarray:
+    q = qs.reshape(-1, 2, 1, 32)
+    return np.concatenate([(q >> k) & 3 for k in (0, 2, 4, 6)], axis=2).reshape(-1, QK_K)
+
+
+def _pack_q3_scales(u: np.ndarray) -> np.ndarray:
+    """Q3_K ``scales[12]`` from 16 six-bit values ``u`` (= signed scale + 32): low nibbles of u[0..7] and
+    u[8..15] share bytes 0-7 (low, high); the top 2 bits of u[j] go to byte ``8 + j%4`` at bit ``2*(j//4)``."""
+    u = u.astype(np.uint8)
+    low = (u[:, :8] & np.uint8(0xF)) | ((u[:, 8:] & np.uint8(0xF)) << np.uint8(4))
+    top = (u >> np.uint8(4)).reshape(-1, 4, 4)  # [n, j//4, j%4]
+    high = top[:, 0] | (top[:, 1] << np.uint8(2)) | (top[:, 2] << np.uint8(4)) | (top[:, 3] << np.uint8(6))
+    return np.concatenate([low, high], axis=1)
+
+
+def _unpack_q3_scales(b: np.ndarray) -> np.ndarray:
+    low = np.concatenate([b[:, :8] & 0xF, b[:, :8] >> 4], axis=1)
+    high = np.concatenate([(b[:, 8:12] >> (2 * q)) & 3 for q in range(4)], axis=1)
+    return (low | (high << 4)).astype(np.uint8)
+
+
 def _pack_stored(params: BlockParams, stored: np.ndarray) -> np.ndarray:
     """Bytes [rows, bytes_per_row] from params' stored fields and stored codes [rows, cols]."""
     qtype = params.qtype
@@ -391,12 +688,19 @@ def _pack_stored(params: BlockParams, stored: np.ndarray) -> np.ndarray:
     nb = params.d.shape[1]
     n = rows * nb
     L = np.ascontiguousarray(stored).reshape(n, info.block_size)
+    if qtype == QT.MXFP4:
+        out = np.concatenate([params.d.reshape(n, 1).astype(np.uint8), _nibbles(L)], axis=1)
+        return out.reshape(rows, nb * info.type_size)
     d = _f16_bytes(params.d)
     if qtype == QT.Q8_0:
         out = np.concatenate([d, L.astype(np.int8).view(np.uint8)], axis=1)
-    elif qtype == QT.Q4_0:
-        L = L.astype(np.uint8)
-        out = np.concatenate([d, L[:, :16] | (L[:, 16:] << np.uint8(4))], axis=1)
+    elif qtype in (QT.Q4_0, QT.IQ4_NL):
+        out = np.concatenate([d, _nibbles(L)], axis=1)
+    elif qtype == QT.Q4_1:
+        out = np.concatenate([d, _f16_bytes(params.dmin), _nibbles(L)], axis=1)
+    elif qtype in (QT.Q5_0, QT.Q5_1):
+        parts = [d] if qtype == QT.Q5_0 else [d, _f16_bytes(params.dmin)]
+        out = np.concatenate(parts + [_qh32(L), _nibbles(L)], axis=1)
     elif qtype in _AFFINE:
         assert params.dmin is not None and params.sub_scales is not None and params.sub_mins is not None
         L = L.astype(np.uint8).reshape(n, 4, 2, 32)
@@ -412,6 +716,29 @@ def _pack_stored(params: BlockParams, stored: np.ndarray) -> np.ndarray:
             parts.append(qh)
         parts.append(qs)
         out = np.concatenate(parts, axis=1)
+    elif qtype == QT.Q2_K:
+        assert params.dmin is not None and params.sub_scales is not None and params.sub_mins is not None
+        scales = (params.sub_scales.reshape(n, 16) & np.uint8(0xF)) | (params.sub_mins.reshape(n, 16) << np.uint8(4))
+        out = np.concatenate([scales.astype(np.uint8), _crumbs(L), d, _f16_bytes(params.dmin)], axis=1)
+    elif qtype == QT.Q3_K:
+        assert params.sub_scales is not None
+        L = L.astype(np.uint8)
+        hi = ((L >> np.uint8(2)) & np.uint8(1)).reshape(n, 8, 32)  # element 32b + l -> bit b of hmask[l]
+        hmask = np.zeros((n, 32), dtype=np.uint8)
+        for b in range(8):
+            hmask |= hi[:, b] << np.uint8(b)
+        u = params.sub_scales.reshape(n, 16).astype(np.int16) + 32
+        out = np.concatenate([hmask, _crumbs(L), _pack_q3_scales(u), d], axis=1)
+    elif qtype == QT.IQ4_XS:
+        assert params.sub_scales is not None
+        u = (params.sub_scales.reshape(n, 8).astype(np.int16) + 32).astype(np.uint16)
+        scales_h = np.zeros(n, dtype=np.uint16)
+        for ib in range(8):
+            scales_h |= (u[:, ib] >> np.uint16(4)) << np.uint16(2 * ib)
+        lo = (u & np.uint16(0xF)).astype(np.uint8)
+        scales_l = lo[:, 0::2] | (lo[:, 1::2] << np.uint8(4))
+        qs = _nibbles(L.reshape(n * 8, 32)).reshape(n, 128)
+        out = np.concatenate([d, scales_h.astype("<u2").reshape(n, 1).view(np.uint8), scales_l, qs], axis=1)
     else:  # Q6_K
         assert params.sub_scales is not None
         L = L.astype(np.uint8).reshape(n, 2, 4, 32)
@@ -427,7 +754,8 @@ def _pack_stored(params: BlockParams, stored: np.ndarray) -> np.ndarray:
 
 def unpack(packed: np.ndarray, qtype: QT, shape: Sequence[int] | None = None) -> tuple[np.ndarray, BlockParams]:
     """Decode file bytes ``[rows, bytes_per_row]`` (or any ``[..., bytes]``, flattened to rows) into
-    (int16 codes ``[rows, cols]``, :class:`BlockParams`)."""
+    (int16 codes ``[rows, cols]``, :class:`BlockParams`). Codes are signed where the type is symmetric
+    (Q8_0, Q4_0, Q5_0, Q3_K, Q6_K) and table indices 0..15 for IQ4_NL/IQ4_XS/MXFP4."""
     qtype = QT(qtype)
     info = _info(qtype)
     raw = np.ascontiguousarray(packed).view(np.uint8)
@@ -447,10 +775,19 @@ def unpack(packed: np.ndarray, qtype: QT, shape: Sequence[int] | None = None) ->
     if qtype == QT.Q8_0:
         params = _make_params(qtype, f16(0))
         codes = b[:, 2:].view(np.int8).astype(np.int16)
-    elif qtype == QT.Q4_0:
+    elif qtype in (QT.Q4_0, QT.IQ4_NL):
         params = _make_params(qtype, f16(0))
-        qs = b[:, 2:]
-        codes = np.concatenate([qs & 0xF, qs >> 4], axis=1).astype(np.int16) - 8
+        codes = _unnibbles(b[:, 2:]).astype(np.int16)
+    elif qtype == QT.MXFP4:
+        params = _make_params(qtype, b[:, 0].reshape(rows, nb))
+        codes = _unnibbles(b[:, 1:]).astype(np.int16)
+    elif qtype == QT.Q4_1:
+        params = _make_params(qtype, f16(0), f16(2))
+        codes = _unnibbles(b[:, 4:]).astype(np.int16)
+    elif qtype in (QT.Q5_0, QT.Q5_1):
+        o = 2 if qtype == QT.Q5_0 else 4
+        params = _make_params(qtype, f16(0), None if qtype == QT.Q5_0 else f16(2))
+        codes = (_unnibbles(b[:, o + 4:]) | (_unqh32(b[:, o:o + 4]) << 4)).astype(np.int16)
     elif qtype in _AFFINE:
         sc, m = _unpack_k_scales(b[:, 4:16])
         params = _make_params(qtype, f16(0), f16(2), sc.reshape(rows, nb * 8), m.reshape(rows, nb * 8))
@@ -460,15 +797,34 @@ def unpack(packed: np.ndarray, qtype: QT, shape: Sequence[int] | None = None) ->
             qh = b[:, 16:48]
             hi = np.stack([(qh >> k) & 1 for k in range(8)], axis=1).reshape(n, QK_K)
             codes |= hi.astype(np.int16) << 4
+    elif qtype == QT.Q2_K:
+        sc = b[:, :16]
+        params = _make_params(qtype, f16(80), f16(82), (sc & 0xF).reshape(rows, nb * 16), (sc >> 4).reshape(rows, nb * 16))
+        codes = _uncrumbs(b[:, 16:80]).astype(np.int16)
+    elif qtype == QT.Q3_K:
+        hm = b[:, :32]
+        hi = np.stack([(hm >> k) & 1 for k in range(8)], axis=1).reshape(n, QK_K)
+        codes = (_uncrumbs(b[:, 32:96]) | (hi << 2)).astype(np.int16)
+        u = _unpack_q3_scales(b[:, 96:108])
+        params = _make_params(qtype, f16(108), sc=(u.astype(np.int16) - 32).astype(np.int8).reshape(rows, nb * 16))
+    elif qtype == QT.IQ4_XS:
+        sh = np.ascontiguousarray(b[:, 2:4]).view("<u2").reshape(n, 1).astype(np.int32)
+        sl = b[:, 4:8].astype(np.int32)
+        lo = np.stack([sl & 0xF, sl >> 4], axis=2).reshape(n, 8)
+        hi = (sh >> (2 * np.arange(8))) & 3
+        sc = ((lo | (hi << 4)) - 32).astype(np.int8)
+        params = _make_params(qtype, f16(0), sc=sc.reshape(rows, nb * 8))
+        codes = _unnibbles(b[:, 8:].reshape(n * 8, 16)).reshape(n, QK_K).astype(np.int16)
     else:  # Q6_K
         ql = b[:, :128].reshape(n, 2, 1, 64)
         qh = b[:, 128:192].reshape(n, 2, 1, 32)
         low = np.concatenate([ql & 0xF, ql >> 4], axis=2).reshape(n, 2, 4, 32)
         hi = np.concatenate([(qh >> k) & 3 for k in (0, 2, 4, 6)], axis=2)
-        codes = (low.astype(np.int16) | (hi.astype(np.int16) << 4)).reshape(n, QK_K) - 32
+        codes = (low.astype(np.int16) | (hi.astype(np.int16) << 4)).reshape(n, QK_K)
         sc = b[:, 192:208].view(np.int8)
         params = _make_params(qtype, f16(208), sc=sc.reshape(rows, nb * 16))
-    return codes.reshape(rows, nb * info.block_size), params
+    codes = codes - _OFFSET.get(qtype, 0)
+    return codes.reshape(rows, nb * info.block_size).astype(np.int16), params
 
 
 def pack(codes: Any, params: BlockParams) -> np.ndarray:
@@ -479,8 +835,7 @@ def pack(codes: Any, params: BlockParams) -> np.ndarray:
     lo = -128 if params.qtype == QT.Q8_0 else params.qmin  # the file can hold -128; we never produce it
     if c.size and (c.min() < lo or c.max() > params.qmax):
         raise ValueError(f"{params.qtype.name} codes must lie in [{lo}, {params.qmax}]")
-    offset = {QT.Q6_K: 32, QT.Q4_0: 8}.get(params.qtype, 0)
-    return _pack_stored(params, c + offset)
+    return _pack_stored(params, c + _OFFSET.get(params.qtype, 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,7 +895,8 @@ def _run_chunks(w3: np.ndarray, im: np.ndarray | None, qtype: QT, threads: int |
         m, r0, r1 = job
         x = w3[m, r0:r1]
         qw = None if im is None else np.broadcast_to(im[m if im.shape[0] > 1 else 0], x.shape)
-        params, stored = _search_rows(x, qw, qtype)
+        with np.errstate(over="ignore"):  # f16 scales of |x| > 65504 overflow to inf, as in llama.cpp
+            params, stored = _search_rows(x, qw, qtype)
         sink(m, r0, r1, params, stored)
 
     n_threads = min(len(jobs), threads or _cpu_count())
@@ -564,7 +920,7 @@ def quantize(weights: Any, qtype: QT, imatrix: Any | None = None, *, threads: in
         return _passthrough(weights, qtype)
     info = _info(qtype)
     w3, im, shape = _prepare(weights, imatrix, info.block_size)
-    if qtype == QT.Q8_0:
+    if qtype in _NO_IMATRIX:
         im = None
     n_mat, rows, cols = w3.shape
     out = np.empty((n_mat, rows, bytes_per_row(qtype, cols)), dtype=np.uint8)
@@ -619,7 +975,7 @@ def block_params(w: Any, qtype: QT, imatrix: Any | None = None) -> BlockParams:
     w3, im, shape = _prepare(w, imatrix, info.block_size)
     if len(shape) != 2:
         raise ValueError("block_params takes a 2-D [rows, cols] matrix")
-    if qtype == QT.Q8_0:
+    if qtype in _NO_IMATRIX:
         im = None
     parts: dict[int, BlockParams] = {}
 
@@ -652,12 +1008,35 @@ def _grid_columns(params: BlockParams, n: int, col_offset: int, like: Any) -> tu
     return s, m
 
 
+def _nearest_level(w: Any, params: BlockParams, col_offset: int) -> Any:
+    """Table codes of a non-linear type, chosen as llama.cpp's final rounding does (IQ4: ``best_index_int8`` of
+    ``w * (1/scale)``, the code of value 1 where ``scale == 0``; MXFP4: ``best_index_mxfp4``)."""
+    x = _to_numpy(w).astype(F32)
+    s, _ = _grid_columns(params, x.shape[1], col_offset, x)
+    if params.qtype == QT.MXFP4:
+        q = kq.best_index_mxfp4(x, s)
+    else:
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            inv = np.where(s != 0, F32(1) / np.where(s != 0, s, F32(1)), F32(0))
+        q = kq.best_index_iq4(x * inv)
+    out = q.astype(np.int16)
+    if hasattr(w, "detach"):
+        import torch
+
+        return torch.from_numpy(out).to(w.device)
+    return out
+
+
 def quantize_with_params(w: Any, params: BlockParams, col_offset: int = 0) -> Any:
     """int16 codes for ``w[rows, n]`` (or one column ``w[rows]``) = columns ``col_offset..`` of
     ``params``: round half to even of ``(w + min) / scale``, clamped to ``[qmin, qmax]``; 0 where
-    ``scale == 0``. numpy in, numpy out; torch in, torch out (same device)."""
+    ``scale == 0``. For the non-linear types (IQ4_NL, IQ4_XS, MXFP4) the nearest table entry instead
+    (:func:`_nearest_level`). numpy in, numpy out; torch in, torch out (same device)."""
     column = w.ndim == 1
     w2 = w.reshape(-1, 1) if column else w
+    if params.qtype in LEVELS:
+        out = _nearest_level(w2, params, col_offset)
+        return out.reshape(-1) if column else out
     s, m = _grid_columns(params, w2.shape[1], col_offset, w2)
     if hasattr(w2, "detach"):
         import torch
@@ -674,13 +1053,20 @@ def quantize_with_params(w: Any, params: BlockParams, col_offset: int = 0) -> An
 
 def dequantize_codes(codes: Any, params: BlockParams, col_offset: int = 0) -> Any:
     """Grid values ``scale*q - min`` (float32, numpy or torch like ``codes``) for ``codes[rows, n]``
-    (or one column ``codes[rows]``) = columns ``col_offset..`` of ``params``."""
+    (or one column ``codes[rows]``) = columns ``col_offset..`` of ``params``; ``scale*table[q]`` for the
+    non-linear types."""
     column = codes.ndim == 1
     c2 = codes.reshape(-1, 1) if column else codes
     s, m = _grid_columns(params, c2.shape[1], col_offset, c2)
+    table = LEVELS.get(params.qtype)
     if hasattr(c2, "detach"):
-        out = s * c2.float() - m
+        import torch
+
+        q = c2.float() if table is None else torch.from_numpy(table.astype(F32)).to(c2.device)[c2.long()]
+        out = s * q + (-m) if params.qtype in _AFFINE_32 else s * q - m
     else:
+        q = np.asarray(c2).astype(F32) if table is None else table.astype(F32)[np.asarray(c2)]
         with np.errstate(invalid="ignore", over="ignore"):
-            out = s * np.asarray(c2).astype(F32) - m
+            # Q4_1/Q5_1 store m and decode d*q + m: the same number as d*q - (-m), also for a NaN m's sign bit
+            out = s * q + (-m) if params.qtype in _AFFINE_32 else s * q - m
     return out.reshape(-1) if column else out

@@ -14,7 +14,7 @@ from llama4_quant.formats.gguf.quants import QT
 
 BLOCK_TYPES = [QT.Q8_0, QT.Q4_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 K_TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
-GOLDEN = Path(__file__).resolve().parents[2] / "formats" / "gguf" / "golden_llamacpp.npz"
+GOLDEN = Path(__file__).resolve().parents[3] / "formats" / "gguf" / "golden_llamacpp.npz"
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -277,7 +277,7 @@ def test_threads_do_not_change_bytes() -> None:
         lambda: gq.quantize(np.full((2, 256), np.nan, np.float32), QT.Q6_K),
         lambda: gq.quantize(np.zeros((2, 256), np.float32), QT.Q4_K, np.ones(128, np.float32)),
         lambda: gq.quantize(np.zeros((2, 256), np.float32), QT.Q4_K, -np.ones(256, np.float32)),
-        lambda: gq.quantize(np.zeros((2, 256), np.float32), QT.Q2_K),
+        lambda: gq.quantize(np.zeros((2, 256), np.float32), QT.IQ2_XXS),  # no quantizer here
         lambda: gq.block_params(np.zeros((2, 2, 256), np.float32), QT.Q4_K),
     ],
 )
