@@ -103,7 +103,9 @@ def verify_options(fn):
 @click.option("--scheme", default=None, type=click.Choice(_scheme_choices()),
               help="safetensors (default w4a16): w4a16: int4 symmetric, group 128; w8a16: int8, group 128; fp8-dynamic: "
                    "fp8 e4m3 per-channel weights + dynamic per-token activations; fp8-block: 128x128 weight blocks. "
-                   "gguf (default q4_k_m): bf16, f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_k_s, q4_0 (docs/gguf.md).")
+                   "gguf (default q4_k_m): bf16, f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_k_s, q4_0, iq4_xs, iq4_nl, q3_k_m, "
+                   "q3_k_s, q2_k, mxfp4_moe: llama-quantize's mixes (docs/gguf.md); or --fit/--target-size for a "
+                   "mix chosen per tensor.")
 @click.option("--method", type=click.Choice(["auto", "gptq", "rtn", "imatrix"]), default="auto", show_default=True,
               help="gptq (calibrated) or rtn (no data); auto: gptq for int schemes, rtn for fp8. "
                    "--to gguf also: imatrix (llama-imatrix's statistic); auto: gptq when calibration data is available.")
