@@ -226,7 +226,11 @@ class Pipeline:
 
     def _quantize(self, spec: TensorSpec, name: str, weight: torch.Tensor, grid: Grid,
                   acc: HessianAccumulator | None, expert_fallback: str = "") -> QuantResult:
-        """GPTQ against acc's Hessian, or RTN (method rtn, no statistics, or an under-fed expert)."""
+        """GPTQ against acc's Hessian, or RTN (method rtn, no statistics, or an under-fed expert).
+
+        GPTQ also rounds the same grid to nearest and keeps whichever has the lower Hessian loss (quant/gptq.py,
+        `rtn_guard`): the record's `method` says which was written, `reason` why, and `gptq_loss` / `rtn_loss`
+        (with `rel_gptq_loss` / `rel_rtn_loss`, relative to the unquantized output energy) give both."""
         w = weight.to(self.device, torch.float32)
         t0 = time.perf_counter()
         if expert_fallback:
@@ -242,6 +246,9 @@ class Pipeline:
         if rec.get("loss_kind") == "hessian" and acc is not None:
             ref = float(((w @ acc.hessian) * w).sum()) / 2
             rec["rel_loss"] = rec["loss"] / ref if ref > 0 else None
+            for k in ("gptq_loss", "rtn_loss"):
+                if rec.get(k) is not None:
+                    rec["rel_" + k] = rec[k] / ref if ref > 0 else None
         if self.opt.method == "gptq" and acc is None and not expert_fallback:
             rec["reason"] = rec.get("reason") or "no calibration statistics"
         self.records[name] = rec

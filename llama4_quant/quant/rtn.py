@@ -20,6 +20,9 @@ class QuantRecord:
     loss: with a Hessian H (= 2/n X^T X): tr(dW H dW^T) / 2, the mean over calibration tokens of
       the squared output error ||dW x||^2; without one: the plain sum of squared weight errors
       (`loss_kind` says which).
+    gptq_loss, rtn_loss: GPTQ's loss and the best RTN loss on the same grid when GPTQ ran with its RTN
+      guard (whichever is lower is `loss`, the other method lost); None otherwise.
+    shrink: the weight of diag(H) in the shrunk Hessian GPTQ solved against (None: not shrunk).
     """
 
     method: str
@@ -30,6 +33,9 @@ class QuantRecord:
     dead_columns: int = 0
     n_tokens: int | None = None
     seconds: float = 0.0
+    gptq_loss: float | None = None
+    rtn_loss: float | None = None
+    shrink: float | None = None
 
 
 @dataclass

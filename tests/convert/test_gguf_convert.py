@@ -85,8 +85,12 @@ def test_gptq_beats_rtn_and_imatrix(runs, chunks):
     print({k: (round(c["kld_mean"], 5), round(c["ppl_increase_pct"], 3), round(c["top1_agreement"], 4))
            for k, c in (("rtn", rtn), ("imatrix", imat), ("gptq", gptq))})
     # KLD separates the methods on a tiny model; perplexity changes of 4-bit sit at the noise floor there
-    # (+0.4% vs +0.5% flips with the text), so they are reported, not compared
-    assert gptq["kld_mean"] < 0.9 * min(rtn["kld_mean"], imat["kld_mean"]), (rtn, imat, gptq)
+    # (+0.4% vs +0.5% flips with the text), so they are reported, not compared. The margin holds across retrained
+    # models: GPTQ / min(RTN, imatrix) measured 0.72-0.89 on the shipped model and 5 others trained with other seeds
+    # or on other machines (4096 calibration tokens), 0.75-0.92 with 256-1024 tokens; a small change of rounding
+    # moves this ratio by up to ~0.1 on a model this small, so 0.95 is the bar, not 0.9. What GPTQ losing to RTN
+    # looks like (1.2x with 256 tokens before the Hessian shrinkage, 1.9x in issue 11) fails it.
+    assert gptq["kld_mean"] < 0.95 * min(rtn["kld_mean"], imat["kld_mean"]), (rtn, imat, gptq)
     assert gptq["top1_agreement"] > rtn["top1_agreement"] - 0.005
     sizes = {k: runs["summary"][k]["total_bytes"] for k in ("rtn", "imatrix", "gptq")}
     assert max(sizes.values()) - min(sizes.values()) < 1024  # same types: only the metadata differs
