@@ -179,7 +179,6 @@ def inspect_gguf(path: str, as_json: bool) -> dict:
         emit_json(info)
         return info
     from rich.console import Console
-    from rich.table import Table
 
     con = Console()
     md = info["metadata"]
@@ -190,18 +189,7 @@ def inspect_gguf(path: str, as_json: bool) -> dict:
     con.print(f"llama.cpp runs: {r['layers']} layers, {r['experts']} experts on layers {r['moe_layers'][:6]}"
               f"{'...' if len(r['moe_layers']) > 6 else ''}, NoPE {r['nope_layers'][:6]}, chunk {r['attention_chunk_size']}, "
               f"qk norm {r['qk_norm']}")
-    t = Table(title="by type")
-    for col in ("type", "tensors", "params", "bytes"):
-        t.add_column(col, justify="right")
-    for k, v in info["by_type"].items():
-        t.add_row(k, str(v["tensors"]), f"{v['params']:,}", human(v["bytes"]))
-    con.print(t)
-    t = Table(title="tensors")
-    for col in ("name", "type", "shape", "bytes"):
-        t.add_column(col, justify="right" if col == "bytes" else "left")
-    for x in info["tensors"]:
-        t.add_row(x["name"], x["type"], "x".join(str(s) for s in x["shape"]), human(x["bytes"]))
-    con.print(t)
+    _print_tensor_tables(con, info)
     return info
 
 
@@ -214,7 +202,6 @@ def inspect_mmproj(path: str, integrity: dict, as_json: bool) -> dict:
         emit_json(info)
         return info
     from rich.console import Console
-    from rich.table import Table
 
     con = Console()
     bpw = f", {info['bits_per_weight']:.2f} bits/weight" if info["bits_per_weight"] else ""
@@ -226,6 +213,14 @@ def inspect_mmproj(path: str, integrity: dict, as_json: bool) -> dict:
               f"x{v['scale_factor']}, output width {v['projection_dim']} (the text model's), image mean "
               f"{_floats(v['image_mean'])} std {_floats(v['image_std'])}")
     con.print(", ".join(f"{k.split('.', 1)[1]}={x}" for k, x in info["metadata"].items()))
+    _print_tensor_tables(con, info)
+    return info
+
+
+def _print_tensor_tables(con, info: dict) -> None:
+    """A GGUF's bytes by type, then every tensor (text GGUF and mmproj alike)."""
+    from rich.table import Table
+
     t = Table(title="by type")
     for col in ("type", "tensors", "params", "bytes"):
         t.add_column(col, justify="right")
@@ -236,9 +231,8 @@ def inspect_mmproj(path: str, integrity: dict, as_json: bool) -> dict:
     for col in ("name", "type", "shape", "bytes"):
         t.add_column(col, justify="right" if col == "bytes" else "left")
     for x in info["tensors"]:
-        t.add_row(x["name"], x["type"], "x".join(str(s) for s in x["shape"]), human(x["bytes"]))
+        t.add_row(x["name"], x["type"], "x".join(str(d) for d in x["shape"]), human(x["bytes"]))
     con.print(t)
-    return info
 
 
 def _floats(xs) -> str:
