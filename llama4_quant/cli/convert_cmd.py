@@ -129,6 +129,8 @@ def verify_options(fn):
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
               help="GPTQ visits columns by decreasing Hessian diagonal (static groups: no g_idx, no runtime cost).")
 @click.option("--damp", default=0.01, show_default=True, help="GPTQ damping, fraction of mean diag(H).")
+@click.option("--shrink", default=0.25, show_default=True, help="GPTQ: pull the Hessian toward its diagonal by "
+              "s*d/(s*d+n) (d input columns, n tokens), against over-fitting experts that saw few tokens; 0: off.")
 @click.option("--observer", type=click.Choice(["minmax", "mse"]), default=None,
               help="--to safetensors: how int scales are fitted (mse: clipping search). [default: minmax]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -167,7 +169,7 @@ def verify_options(fn):
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @handle_errors
 def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seqlen, seed, tokenizer_path, group_size,
-                targets, ignore, moe_calibration, min_expert_tokens, act_order, damp, observer, device, dtype,
+                targets, ignore, moe_calibration, min_expert_tokens, act_order, damp, shrink, observer, device, dtype,
                 batch_size, hessian_memory, max_shard_size, split_max_size, imatrix_file, mmproj, mmproj_type,
                 mmproj_only, fit, target_size, target_bpw, context, reserve, plan_file, plan_only, force, verify,
                 eval_data,
@@ -186,7 +188,7 @@ def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seql
         calib_seqlen=calib_seqlen, seed=seed, tokenizer=tokenizer_path, group_size=group_size,
         targets=tuple(targets) or None, ignore=tuple(ignore) or None, observer=observer, max_shard_size=max_shard_size,
         split_max_size=split_max_size, imatrix_file=imatrix_file, moe_calibration=moe_calibration,
-        min_expert_tokens=min_expert_tokens, act_order=act_order, damp=damp, device=device, dtype=dtype,
+        min_expert_tokens=min_expert_tokens, act_order=act_order, damp=damp, shrink=shrink, device=device, dtype=dtype,
         batch_size=batch_size, hessian_memory=hessian_memory, force=force, mmproj=mmproj, mmproj_type=mmproj_type,
         mmproj_only=mmproj_only, fit=fit, target_size=target_size, target_bpw=target_bpw, context=context,
         reserve=reserve, plan=plan_file, plan_only=plan_only,

@@ -47,6 +47,7 @@ class ConvertOptions:
     min_expert_tokens: int = 16
     act_order: bool = True
     damp: float = 0.01
+    shrink: float = 0.25  # GPTQ Hessian shrinkage toward its diagonal (quant/gptq.py)
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 4
@@ -176,7 +177,7 @@ def _run(o: ConvertOptions, fmt, scheme: str, method: str, warnings: list[str], 
 
     dev = resolve_device(o.device)
     popts = PipelineOptions(method="gptq" if method == "gptq" else "rtn",
-                            gptq=GPTQConfig(damp=o.damp, act_order=o.act_order),
+                            gptq=GPTQConfig(damp=o.damp, act_order=o.act_order, shrink=o.shrink),
                             moe_calibration=o.moe_calibration, min_expert_tokens=o.min_expert_tokens, device=dev,
                             dtype=resolve_dtype(o.dtype, dev), batch_size=o.batch_size,
                             hessian_budget_bytes=o.hessian_memory)

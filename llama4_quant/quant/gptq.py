@@ -54,7 +54,7 @@ class GPTQConfig:
     static_groups: bool = False  # forced on by act_order
     zero_dead_columns: bool = True
     use_importance: bool = True  # hand diag(H) of a group's columns to grid.fit
-    shrink: float = 1.0  # prior tokens per input column towards diag(H) (see module doc); 0: off
+    shrink: float = 0.25  # prior tokens per input column towards diag(H) (see module doc); 0: off
     rtn_guard: bool = True  # keep RTN on the same grid where its Hessian loss is lower
 
 
