@@ -152,16 +152,20 @@ def verify_options(fn):
 @click.option("--mmproj-type", type=click.Choice(["f16", "bf16", "q8_0"]), default=None,
               help="--mmproj: tensor type of the projector file (norms, biases, embeddings stay F32). [default: f16]")
 @click.option("--mmproj-only", is_flag=True, help="--to gguf: write only the projector, to OUT (no text model).")
-@click.option("--fit", "fit", default=None, type=SizeType(), help="--to gguf: choose per-tensor types so the model "
-              "plus the KV cache for --context fits this much device memory (less --reserve), least error first.")
-@click.option("--target-size", default=None, type=SizeType(), help="--to gguf: per-tensor types for a file of at most "
-              "this size.")
-@click.option("--target-bpw", default=None, type=float, help="--to gguf: per-tensor types for this many bits per weight.")
+@click.option("--fit", "fit", default=None, type=SizeType(), help="Choose per-tensor GGUF types (--to safetensors: a "
+              "scheme per module, one per layer's experts) so the model plus the KV cache for --context fits this much "
+              "device memory (less --reserve), least measured error first (docs/fit.md).")
+@click.option("--target-size", default=None, type=SizeType(), help="Like --fit, for a GGUF file (--to safetensors: "
+              "weight shards) of at most this size.")
+@click.option("--target-bpw", default=None, type=float, help="Like --fit, for this many bits per weight.")
+@click.option("--fit-schemes", "fit_schemes", multiple=True, help="--to safetensors, --fit/--target-*: the schemes a "
+              "plan chooses among, comma separated: w4a16, w8a16, fp8-dynamic, fp8-block, bf16 (kept as stored). "
+              "[default: w4a16,w8a16,bf16]")
 @click.option("--context", default=8192, show_default=True, help="--fit: tokens of bf16 KV cache to leave room for.")
 @click.option("--reserve", default="1GB", show_default=True, type=SizeType(), help="--fit: memory kept free for "
               "the runtime's buffers.")
 @click.option("--plan", "plan_file", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="--to gguf: replay the per-tensor types of a saved plan (OUT.plan.json of a --fit run).")
+              help="Replay the per-tensor types (schemes) of a saved plan (OUT.plan.json of a --fit run).")
 @click.option("--plan-only", is_flag=True, help="With --fit/--target-size/--target-bpw: print and save the plan, "
               "convert nothing.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -171,7 +175,8 @@ def verify_options(fn):
 def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seqlen, seed, tokenizer_path, group_size,
                 targets, ignore, moe_calibration, min_expert_tokens, act_order, damp, shrink, observer, device, dtype,
                 batch_size, hessian_memory, max_shard_size, split_max_size, imatrix_file, mmproj, mmproj_type,
-                mmproj_only, fit, target_size, target_bpw, context, reserve, plan_file, plan_only, force, verify,
+                mmproj_only, fit, target_size, target_bpw, fit_schemes, context, reserve, plan_file, plan_only, force,
+                verify,
                 eval_data,
                 verify_ctx, verify_chunks, max_ppl_increase, max_kld, report_dir, as_json):
     """Quantize MODEL (a checkpoint directory or a Hub repo id) into OUT.
@@ -191,7 +196,7 @@ def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seql
         min_expert_tokens=min_expert_tokens, act_order=act_order, damp=damp, shrink=shrink, device=device, dtype=dtype,
         batch_size=batch_size, hessian_memory=hessian_memory, force=force, mmproj=mmproj, mmproj_type=mmproj_type,
         mmproj_only=mmproj_only, fit=fit, target_size=target_size, target_bpw=target_bpw, context=context,
-        reserve=reserve, plan=plan_file, plan_only=plan_only,
+        reserve=reserve, plan=plan_file, plan_only=plan_only, fit_schemes=tuple(fit_schemes) or None,
         verify=VerifyOptions(eval_data=eval_data, ctx=verify_ctx, chunks=verify_chunks, max_ppl_increase=max_ppl_increase,
                              max_kld=max_kld, report_dir=report_dir) if verify else None)
     import os

@@ -54,7 +54,7 @@ class ConvertOptions:
     hessian_memory: int = 8 << 30
     force: bool = False
     name: str | None = None  # GGUF general.name (default: the model directory's name)
-    # --to gguf: per-tensor types for a budget (convert/fit.py), or replayed from a plan file
+    # per-tensor GGUF types / per-module safetensors schemes for a budget (convert/fit.py), or replayed from a plan
     fit: int | None = None  # device memory (bytes) the model plus KV cache for `context` must fit
     target_size: int | None = None  # file bytes
     target_bpw: float | None = None
@@ -62,6 +62,7 @@ class ConvertOptions:
     reserve: int = 10**9
     plan: str | None = None  # a saved plan to replay
     plan_only: bool = False
+    fit_schemes: tuple[str, ...] | None = None  # --to safetensors: candidates of a plan (fit.ST_FIT_SCHEMES)
     # --to gguf: the vision tower as llama.cpp's mmproj GGUF (convert/mmproj.py)
     mmproj: str | None = None  # None: none; "": mmproj-OUT.gguf beside OUT; else its path
     mmproj_type: str | None = None  # f16 (default), bf16, q8_0
@@ -215,8 +216,12 @@ def _run(o: ConvertOptions, fmt, scheme: str, method: str, warnings: list[str], 
         summary["ranks"] = ranks.world
     if planned is not None:
         summary["plan"] = {k: planned["plan"][k] for k in ("file", "tensor_bytes", "predicted_error", "budget")}
-        if o.target_size is not None and summary["total_bytes"] > o.target_size:
-            raise Llama4QuantError(f"the file came out at {summary['total_bytes']} bytes, over --target-size "
+        if o.to == "safetensors":  # the budget is the weight shards' (model-*.safetensors)
+            summary["plan"]["weights_bytes"] = sum(p.stat().st_size for p in Path(summary["output"]).glob(
+                "model-*.safetensors"))
+        size = summary["plan"].get("weights_bytes", summary["total_bytes"])
+        if o.target_size is not None and size > o.target_size:
+            raise Llama4QuantError(f"the file came out at {size} bytes, over --target-size "
                                    f"{o.target_size}: the size estimate is wrong, please report it")
     if o.verify is not None:
         from .verify import record_verification, verify_artifact
@@ -236,8 +241,10 @@ def _plan_types(o: ConvertOptions, reader, exporter, pipe, tokens, method: str) 
         if o.plan_only:
             raise Llama4QuantError("--plan-only needs --fit, --target-size or --target-bpw")
         return None
+    if o.to == "safetensors":
+        return _plan_schemes(o, reader, exporter, pipe, tokens)
     if o.to != "gguf":
-        raise Llama4QuantError("--fit/--target-size/--target-bpw/--plan choose GGUF types: they need --to gguf")
+        raise Llama4QuantError("--fit/--target-size/--target-bpw/--plan need --to gguf or --to safetensors")
     from . import fit
 
     cfg = reader.config
@@ -263,6 +270,48 @@ def _plan_types(o: ConvertOptions, reader, exporter, pipe, tokens, method: str) 
     exporter.writer = None  # the plan changes the file layout: prepare again with the new types
     exporter.source = None
     return {"plan": plan, "format": "gguf", "plan_only": o.plan_only, "output": None, "warnings": []}
+
+
+def _plan_schemes(o: ConvertOptions, reader, exporter, pipe, tokens) -> dict[str, Any]:
+    """--to safetensors: one scheme per vLLM-fused unit (a layer's experts, q/k/v, gate/up, ...) among --fit-schemes,
+    for the Linears --targets/--ignore select; or replayed from --plan FILE."""
+    from . import fit
+
+    cfg = reader.config
+    targets = (o.fit, o.target_size, o.target_bpw)
+    exporter.prepare(reader)
+    from ..model.tensors import tensor_specs
+
+    specs = [s for s in tensor_specs(cfg) if exporter.selected(s)]
+    if not specs:
+        raise Llama4QuantError("nothing to plan: --targets/--ignore leave no Linear selected")
+    warnings = []
+    if o.scheme is not None:
+        warnings.append(f"--scheme {o.scheme} is not used: the plan chooses a scheme per module")
+    exporter.scheme_name = "mixed"
+    if o.plan is not None:
+        if any(t is not None for t in targets):
+            raise Llama4QuantError("--plan replays a saved plan: give it without --fit/--target-size/--target-bpw")
+        if o.fit_schemes:
+            warnings.append("--fit-schemes is not used: --plan replays the saved schemes")
+        exporter.scheme_overrides = fit.load_st_plan(o.plan, cfg, specs, exporter.group_size)
+        pipe.warnings.extend(warnings)
+        return {"plan": {"file": str(o.plan), "tensor_bytes": None, "predicted_error": None, "budget": None}}
+    if tokens is None:
+        raise Llama4QuantError("--fit needs calibration data to measure each module's sensitivity (--calib FILE)")
+    schemes = fit.st_schemes(o.fit_schemes)
+    budget = fit.budget_for(cfg, target_size=o.target_size, target_bpw=o.target_bpw, fit=o.fit, context=o.context,
+                            reserve=o.reserve, **fit.st_budget_parts(reader, specs, o.max_shard_size))
+    importance = pipe.collect_importance(tokens, include_output=any(s.role == "head" for s in specs))
+    measured = fit.measure_safetensors(reader, importance, specs, schemes, group_size=exporter.group_size,
+                                       observer=exporter.observer, device=str(pipe.device))
+    choice = fit.optimise(measured, budget.tensor_bytes, smallest=schemes[0])
+    plan = fit.make_st_plan(measured, choice, budget, group_size=exporter.group_size, observer=exporter.observer,
+                            schemes=schemes)
+    plan["file"] = str(fit.save_plan(plan, Path(str(o.out) + ".plan.json")))
+    exporter.scheme_overrides = {k: v["type"] for k, v in plan["tensors"].items()}
+    pipe.warnings.extend(warnings)
+    return {"plan": plan, "format": "safetensors", "plan_only": o.plan_only, "output": None, "warnings": warnings}
 
 
 def _is_hub_id(model: str) -> bool:

@@ -46,10 +46,15 @@ from ..quant.rtn import QuantResult
 from ..quant.scheme import SCHEMES, IntScheme, QuantizedLinear, Scheme, make_scheme
 from ..model.tensors import TensorSpec
 from .pipeline import Selection
+from .sizes import DEFAULT_MAX_SHARD_BYTES, header_reserve as default_header_reserve
 
 # the text model's module prefix in either layout (see SafetensorsExporter.ignore_list)
 _ANY_PREFIX = r"(language_model\.)?model\."
-DEFAULT_MAX_SHARD_BYTES = 2 * 1000**3
+# a --fit mix's config-group targets (SafetensorsExporter.plan_targets): module family per role, projection names
+_FAMILY = {"experts": r"feed_forward\.experts\.\d+\.{}_proj", "shared": r"feed_forward\.shared_expert\.{}_proj",
+           "mlp": r"feed_forward\.{}_proj", "attn": r"self_attn\.{}_proj"}
+_PROJ = {"wq": "q", "wk": "k", "wv": "v", "wo": "o", "gate": "gate", "up": "up", "down": "down"}
+_SCHEME_ORDER = list(SCHEMES)
 # files a checkpoint carries besides weights and config that belong with the quantized model
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "generation_config.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
@@ -115,7 +120,7 @@ class ShardedWriter:
 
     def __init__(self, root: Path, max_bytes: int, header_reserve: int | None = None):
         self.root, self.max_bytes = root, max_bytes
-        self.reserve = header_reserve or (min(256 << 10, max(8 << 10, max_bytes // 64)) // 8 * 8)
+        self.reserve = header_reserve or default_header_reserve(max_bytes)
         self.current: _StreamingShard | None = None
         self.shards: list[list[str]] = []
         self.names: set[str] = set()
@@ -208,12 +213,15 @@ class SafetensorsExporter:
 
     def __init__(self, out: str | Path, scheme: Scheme, selection: Selection = Selection(), *, force: bool = False,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, observer: str = "minmax", actorder: bool = False,
-                 scheme_name: str | None = None, source_label: str | None = None):
+                 scheme_name: str | None = None, source_label: str | None = None, group_size: int | None = 128):
         self.out = Path(out).expanduser().absolute()
         self.scheme, self.selection, self.force = scheme, selection, force
         self.max_shard_bytes, self.observer, self.actorder = max_shard_bytes, observer, actorder
         self.scheme_name = scheme_name or repr(scheme)
         self.source_label = source_label
+        self.group_size = group_size  # int schemes of a --fit/--plan mix (None: per channel)
+        # a --fit/--plan mix (convert/fit.py): canonical Linear -> scheme name ("bf16": kept as stored)
+        self.scheme_overrides: dict[str, str] | None = None
         self.tmp: Path | None = None
         self.writer: ShardedWriter | None = None
         self.source: CheckpointReader | None = None
@@ -255,24 +263,38 @@ class SafetensorsExporter:
                                        "choose another OUT or remove it yourself")
 
     # -- pipeline.Exporter -----------------------------------------------------------------------------------------
-    def grid_for(self, spec: TensorSpec) -> Grid | None:
+    def selected(self, spec: TensorSpec) -> bool:
+        """Whether --targets/--ignore pick this Linear for quantization (what a --fit plan chooses schemes for)."""
         if self.source is None:
             raise RuntimeError("prepare(source) first")
         if not spec.is_linear or spec.role == "router":
-            return None
+            return False
         aliases = [self.module_name(spec.name)] if spec.num_experts == 0 else [
             self.module_name(spec.expert_name(e)) for e in range(spec.num_experts)] + [
             f"{self.prefix}layers.{spec.layer}.feed_forward.experts"]
-        if not self.selection.selects(spec, aliases):
+        return self.selection.selects(spec, aliases)
+
+    def scheme_for(self, spec: TensorSpec) -> Scheme | None:
+        """The scheme of a selected Linear: --scheme, or the plan's (None where the plan keeps it as stored)."""
+        if self.scheme_overrides is None:
+            return self.scheme
+        name = self.scheme_overrides[spec.name]
+        return None if name == "bf16" else make_scheme(name, self.group_size)
+
+    def grid_for(self, spec: TensorSpec) -> Grid | None:
+        if not self.selected(spec):
+            return None
+        scheme = self.scheme_for(spec)
+        if scheme is None:
             return None
         out_f, in_f = spec.shape
-        if isinstance(self.scheme, IntScheme) and not self.scheme.per_channel and in_f % self.scheme.group_size:
+        if isinstance(scheme, IntScheme) and not scheme.per_channel and in_f % scheme.group_size:
             raise Llama4QuantError(
-                f"{spec.name} has {in_f} input features, not a multiple of --group-size {self.scheme.group_size}"
+                f"{spec.name} has {in_f} input features, not a multiple of --group-size {scheme.group_size}"
                 " (use a divisor, or -1 for per-channel scales)")
-        key = (type(self.scheme), self.scheme)
+        key = (type(scheme), scheme)
         if key not in self._grids:
-            self._grids[key] = make_grid(self.scheme, self.model_dtype, mse=self.observer == "mse")
+            self._grids[key] = make_grid(scheme, self.model_dtype, mse=self.observer == "mse")
         return self._grids[key]
 
     def begin(self, source: CheckpointReader, plan: list[tuple[TensorSpec, Grid | None]]) -> None:
@@ -347,10 +369,45 @@ class SafetensorsExporter:
         else:
             config = hf_text_config(self.source.config)
             self.warnings.append("source has no config.json (Meta layout): wrote a Llama4ForCausalLM config")
-        group = ct_config.ConfigGroup(["Linear"], self.scheme, observer=self.observer, actorder=self.actorder)
-        qc = ct_config.quantization_config([group], self.ignore_list())
+        if self.scheme_overrides is None:
+            groups = [ct_config.ConfigGroup(["Linear"], self.scheme, observer=self.observer, actorder=self.actorder)]
+        else:
+            groups = [ct_config.ConfigGroup(targets, make_scheme(name, self.group_size), observer=self.observer,
+                                            actorder=self.actorder) for name, targets in self.plan_targets()]
+        qc = ct_config.quantization_config(groups, self.ignore_list())
         config["quantization_config"] = qc
         return config
+
+    def plan_targets(self) -> list[tuple[str, list[str]]]:
+        """A --fit/--plan mix as compressed-tensors config groups: (scheme, `re:` targets) per scheme in use, the
+        targets naming exactly the modules of that scheme in both module layouts (`language_model.model.layers.N`
+        and `model.layers.N`): per module family and kinds, the layers that use the scheme."""
+        rows: dict[str, dict[tuple[str, str], list[int]]] = {}  # scheme -> (family, kind) -> layers
+        head: list[str] = []
+        for spec, grid in self.plan:
+            if grid is None:
+                continue
+            name = self.scheme_overrides[spec.name]
+            if spec.role == "head":
+                head.append(name)
+                rows.setdefault(name, {})
+                continue
+            kind = _PROJ[spec.local.split(".")[-1]]
+            rows.setdefault(name, {}).setdefault((spec.role, kind), []).append(spec.layer)
+        out = []
+        for name in sorted(rows, key=_SCHEME_ORDER.index):
+            by_layers: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+            for (role, kind), layers in rows[name].items():
+                by_layers.setdefault((role, tuple(layers)), []).append(kind)
+            targets = []
+            for (role, layers), kinds in by_layers.items():
+                alt = kinds[0] if len(kinds) == 1 else "(" + "|".join(kinds) + ")"
+                lay = str(layers[0]) if len(layers) == 1 else "(" + "|".join(map(str, layers)) + ")"
+                targets.append(f"re:{_ANY_PREFIX}layers\\.{lay}\\.{_FAMILY[role].format(alt)}$")
+            if name in head:
+                targets.append("re:.*lm_head$")
+            out.append((name, targets))
+        return out
 
     def _copy_side_files(self) -> list[str]:
         """The source's tokenizer, chat template, generation and processor configs and license texts; nothing else
@@ -392,7 +449,10 @@ class SafetensorsExporter:
                 key = f"{self.prefix}layers.{spec.layer}.feed_forward.experts.*.{spec.local.split('.')[1]}_proj"
             else:
                 key = self.module_name(spec.name)
-            plan[key] = self.scheme_name if grid is not None else "unquantized"
+            if grid is None:
+                plan[key] = "unquantized"
+            else:
+                plan[key] = self.scheme_name if self.scheme_overrides is None else self.scheme_overrides[spec.name]
         total = sum(f["bytes"] for f in files.values())
         return {
             "tool": {"name": "llama4-quant", "version": __version__},
@@ -492,7 +552,7 @@ class SafetensorsFormat:
     name = "safetensors"
     default_scheme = "w4a16"
     methods = ("gptq", "rtn")
-    options = ("group_size", "targets", "ignore", "observer", "max_shard_size")
+    options = ("group_size", "targets", "ignore", "observer", "max_shard_size", "fit_schemes")
 
     @property
     def schemes(self) -> tuple[str, ...]:
@@ -507,7 +567,8 @@ class SafetensorsFormat:
         return method
 
     def reads_calibration(self, method: str, o) -> bool:
-        return method == "gptq"
+        # --fit/--target-size/--target-bpw measure importance on calibration tokens, whatever the method
+        return method == "gptq" or any(t is not None for t in (o.fit, o.target_size, o.target_bpw))
 
     def option_warnings(self, scheme: str, o) -> list[str]:
         if "attn" in Selection.parse(o.targets, o.ignore or ()).roles:
@@ -521,7 +582,7 @@ class SafetensorsFormat:
                                    Selection.parse(o.targets, o.ignore or ()), force=o.force,
                                    max_shard_bytes=o.max_shard_size or DEFAULT_MAX_SHARD_BYTES,
                                    observer=o.observer or "minmax", actorder=o.act_order and method == "gptq",
-                                   scheme_name=scheme, source_label=o.model)
+                                   scheme_name=scheme, source_label=o.model, group_size=None if g == -1 else g)
 
     def configure(self, exporter, o, method: str, calib_info: dict | None, is_hub_id: bool) -> None:
         pass
