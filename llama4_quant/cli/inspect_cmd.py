@@ -11,8 +11,9 @@ from .common import emit_json, handle_errors
 from .units import SizeType, human
 
 
-def describe_model(model: str, context: int, gpu_mem: int | None) -> dict:
+def describe_model(model: str, context: int, gpu_mem: int | None, reserve: int = 10**9) -> dict:
     from ..model.config import from_hf_dict
+    from ..convert import fit
     from ..convert.sizes import memory_table
     from ..model.params import param_counts
     from ..model.presets import PRESETS, vision_param_count
@@ -23,6 +24,8 @@ def describe_model(model: str, context: int, gpu_mem: int | None) -> dict:
         vision = vision_param_count(preset["config"]["vision_config"], cfg.hidden_size)
         source = {"preset": model.lower(), "repo_id": preset["repo_id"]}
         tower = _preset_vision(preset["config"]["vision_config"], cfg.hidden_size, vision)
+        fits = None if gpu_mem is None else fit.suggest_for_preset(
+            cfg, vision, tower["layers"], gpu_mem=gpu_mem, context=context, reserve=reserve)
     else:
         from ..model.readers import open_checkpoint
         from ..hub.resolve import resolve_model
@@ -49,6 +52,8 @@ def describe_model(model: str, context: int, gpu_mem: int | None) -> dict:
         from ..convert.mmproj import vision_summary
 
         tower = vision_summary(reader)
+        fits = None if gpu_mem is None else fit.suggest_for_reader(reader, gpu_mem=gpu_mem, context=context,
+                                                                   reserve=reserve)
     arch = {
         "layers": cfg.num_layers,
         "hidden_size": cfg.hidden_size,
@@ -79,6 +84,7 @@ def describe_model(model: str, context: int, gpu_mem: int | None) -> dict:
         "memory": memory_table(cfg, context, gpu_mem),
         "context": context,
         "gpu_mem_bytes": gpu_mem,
+        "fit": fits,
     }
 
 
@@ -117,18 +123,23 @@ def _numel(shape) -> int:
 @click.argument("model")
 @click.option("--gpu-mem", type=SizeType(), default="80GB", show_default=True, help="GPU memory to plan for (80GB, 78GiB, ...).")
 @click.option("--context", default=8192, show_default=True, help="Context length for the KV-cache estimate.")
+@click.option("--reserve", default="1GB", show_default=True, type=SizeType(),
+              help="Memory left free for the runtime's buffers when saying what fits --gpu-mem (as convert --fit).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @handle_errors
-def inspect_cmd(model, gpu_mem, context, as_json):
+def inspect_cmd(model, gpu_mem, context, reserve, as_json):
     """Show MODEL's architecture, parameter counts by component and the memory each export scheme
     needs (weights + bf16 KV cache for --context), and whether it fits --gpu-mem.
 
     MODEL is a checkpoint directory (HF or Meta layout), a Hub repo id, or a preset: scout, maverick;
-    or a .gguf file (any split part): its tensor types and sizes."""
+    or a .gguf file (any split part): its tensor types and sizes.
+
+    Then, per format, what fits --gpu-mem: the largest uniform scheme, and the bits per weight and size per
+    component of a `convert --fit` plan for that memory (docs/fit.md)."""
     if model.endswith(".gguf"):
         inspect_gguf(model, as_json)
         return
-    info = describe_model(model, context, gpu_mem)
+    info = describe_model(model, context, gpu_mem, reserve)
     if as_json:
         emit_json(info)
         return
@@ -163,6 +174,58 @@ def inspect_cmd(model, gpu_mem, context, as_json):
         m.add_row(k, human(v["weights_bytes"]), human(v["kv_cache_bytes"]), human(v["total_bytes"]),
                   "yes" if v["fits"] else "no", str(v["gpus"]))
     con.print(m)
+    if info["fit"] is not None:
+        _print_fit(con, info["fit"])
+
+
+_COMPONENT_LABELS = {"embeddings": "token embeddings", "attention": "attention", "routed_experts": "routed experts",
+                     "shared_experts": "shared experts", "dense_mlp": "dense MLPs", "lm_head": "lm_head",
+                     "norms_router": "norms + routers", "vision": "vision tower", "kv_cache": "KV cache"}
+
+
+def _print_fit(con, f: dict) -> None:
+    """What fits --gpu-mem: the largest uniform scheme and a --fit plan per format, by component."""
+    from rich.table import Table
+
+    cols = []
+    for fmt in ("gguf", "safetensors"):
+        u, p = f[fmt]["uniform"], f[fmt]["fit"]
+        if u is not None:
+            cols.append((f"{fmt} {u['scheme']}", u["components"], u["total_bytes"]))
+        bpw = f"{p['bits_per_weight']:.2f}" if p["bits_per_weight"] is not None else "-"
+        cols.append((f"{fmt} --fit ({bpw} bpw)" if p["possible"] else f"{fmt} --fit (does not fit)", p["components"],
+                     p["total_bytes"]))
+    t = Table(title=f"what fits {human(f['gpu_mem_bytes'])} ({f['context']}-token bf16 KV cache, "
+                    f"{human(f['reserve_bytes'])} kept free)",
+              caption="--fit columns: the split between the uniform rungs around the budget (convert measures the "
+                      "real one)")
+    t.add_column("component")
+    for name, _, _ in cols:
+        t.add_column(name, justify="right")
+    shown = [k for k in _COMPONENT_LABELS if any(c[k] for _, c, _ in cols)]
+    for k in shown:
+        t.add_row(_COMPONENT_LABELS[k], *[human(c[k]) for _, c, _ in cols])
+    t.add_row("total", *[human(total) for _, _, total in cols])
+    con.print(t)
+    mem = _size_arg(f["gpu_mem_bytes"])
+    for fmt, flag in (("gguf", "--to gguf"), ("safetensors", "--to safetensors")):
+        u, least, p = f[fmt]["uniform"], f[fmt]["smallest_uniform"], f[fmt]["fit"]
+        if u is not None:
+            line = f"{fmt}: the largest uniform scheme that fits is {u['scheme']} ({human(u['memory_bytes'])} with the reserve)"
+        else:
+            line = (f"{fmt}: no uniform scheme fits (the smallest, {least['scheme']}, needs "
+                    f"{human(least['memory_bytes'])})")
+        if not p["possible"]:
+            line += (f"; no --fit plan either: its smallest candidates everywhere need "
+                     f"{human(p['least_memory_bytes'])}")
+        elif p["saturated"]:
+            line += f"; convert {flag} --fit {mem} would keep every module at its largest candidate ({p['candidates'][-1]})"
+        else:
+            line += (f"; convert {flag} --fit {mem} --context {f['context']} would plan "
+                     f"{human(p['tensor_bytes'])} of tensors at {p['bits_per_weight']:.2f} bits per weight "
+                     f"({p['model_bits_per_weight']:.2f} over the whole text model), among "
+                     f"{', '.join(p['candidates'])}")
+        con.print(line)
 
 
 def inspect_gguf(path: str, as_json: bool) -> dict:
@@ -233,6 +296,14 @@ def _print_tensor_tables(con, info: dict) -> None:
     for x in info["tensors"]:
         t.add_row(x["name"], x["type"], "x".join(str(d) for d in x["shape"]), human(x["bytes"]))
     con.print(t)
+
+
+def _size_arg(n: int) -> str:
+    """A byte count as a --fit argument (80GB, 24GiB, or plain bytes)."""
+    for unit, k in (("GB", 10**9), ("GiB", 1 << 30), ("MB", 10**6), ("MiB", 1 << 20)):
+        if n % k == 0:
+            return f"{n // k}{unit}"
+    return str(n)
 
 
 def _floats(xs) -> str:
