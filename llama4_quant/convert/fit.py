@@ -478,7 +478,9 @@ def _fit_row(budget: Budget | None, per_tensor, ladder, fixed_items, extra, over
 
 
 def _pick(rows: list[dict[str, Any]], gpu_mem: int) -> tuple[dict | None, dict]:
-    fitting = [r for r in rows if r["memory_bytes"] <= gpu_mem]
+    for r in rows:
+        r["fits"] = r["memory_bytes"] <= gpu_mem
+    fitting = [r for r in rows if r["fits"]]
     best = max(fitting, key=lambda r: r["weights_bytes"]) if fitting else None
     return best, min(rows, key=lambda r: r["memory_bytes"])
 
@@ -521,7 +523,7 @@ def suggest(cfg: Llama4Config, *, gpu_mem: int, context: int, reserve: int, gguf
             n = int(np.prod(s.full_shape))
             per_tensor.append((s.role, n, {t.name: type_bytes(t, n) for t in types}))
     fixed_items = [(s.role, int(np.prod(s.full_shape)) * 4) for s in specs if s.role in ("norm", "router")]
-    gguf = {"uniform": best, "smallest_uniform": {k: least[k] for k in ("scheme", "memory_bytes")},
+    gguf = {"schemes": rows, "uniform": best, "smallest_uniform": {k: least[k] for k in ("scheme", "memory_bytes")},
             "fit": _fit_row(budget(overhead=gguf_overhead), per_tensor, LADDER, fixed_items, {}, gguf_overhead, kv,
                             reserve, n_params)}
     gguf["fit"]["candidates"] = [t for t in LADDER if any(t in c for _, _, c in per_tensor)]
@@ -545,7 +547,7 @@ def suggest(cfg: Llama4Config, *, gpu_mem: int, context: int, reserve: int, gguf
     per_tensor = [(s.role, int(np.prod(s.full_shape)),
                    {c: st_tensor_bytes(s, c, group_size, 2, stored_bytes)
                     for c in st_candidates(s, ST_DEFAULT_SCHEMES, group_size)}) for s in planned]
-    st = {"uniform": best, "smallest_uniform": {k: least[k] for k in ("scheme", "memory_bytes")},
+    st = {"schemes": rows, "uniform": best, "smallest_uniform": {k: least[k] for k in ("scheme", "memory_bytes")},
           "fit": _fit_row(budget(**st_parts) if planned else None, per_tensor, ST_DEFAULT_SCHEMES, fixed_items,
                           extra, st_parts["overhead"], kv, reserve, n_params)}
     st["fit"]["candidates"] = list(ST_DEFAULT_SCHEMES)
