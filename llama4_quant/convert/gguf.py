@@ -175,6 +175,16 @@ class GGUFExporter:
             elif expert == p.n_experts - 1:
                 self.records[key] = self._record(key, p, self.imatrix is not None)
 
+    def write_rows(self, spec, row0: int, rows: torch.Tensor) -> None:
+        """Rows row0.. of a 2-D tensor the pipeline streams in blocks (the embeddings, the head without
+        calibration); each block is encoded as write_tensor would encode the whole (GGML types quantize rows
+        independently), so the bytes are the same."""
+        p = self.plan[spec.name]
+        im = self._importance(spec.name, p, None)
+        self.writer.write_rows(p.name, row0, encode(rows, p.qtype, im))
+        if p.qtype not in FLOAT_TYPES and row0 + rows.shape[0] == spec.shape[0]:
+            self.records[spec.name] = self._record(spec.name, p, im is not None)
+
     def _importance(self, key: str, p: PlannedTensor, expert: int | None) -> np.ndarray | None:
         if self.imatrix is None or p.qtype in FLOAT_TYPES:
             return None

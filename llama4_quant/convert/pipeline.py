@@ -53,6 +53,7 @@ from ..quant.rtn import QuantResult, rtn
 # --targets vocabulary -> roles
 TARGET_NAMES = {"experts": "experts", "shared": "shared", "mlp": "mlp", "attn": "attn", "lm_head": "head"}
 DEFAULT_TARGETS = ("experts", "shared", "mlp")
+ROW_BLOCK_ELEMENTS = 1 << 25  # the embeddings / head are streamed in blocks of about this many weights
 _OBSERVED_BY = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "wo", "shared.gate": "shared.in",
                 "shared.up": "shared.in", "shared.down": "shared.down", "mlp.gate": "mlp.in", "mlp.up": "mlp.in",
                 "mlp.down": "mlp.down"}
@@ -275,10 +276,7 @@ class Pipeline:
         try:
             self.exporter.begin(self.source, plan)
             self.progress.start(self.cfg.num_layers, int(calib_tokens.numel()) if calibrate else 0)
-            emb_spec = by_name["tok_embeddings"]
-            emb = self.source.read("tok_embeddings")
-            self._write_plain_or_rtn(emb_spec, emb, grids.get("tok_embeddings"))
-            del emb
+            self._embeddings(by_name["tok_embeddings"], grids.get("tok_embeddings"))
             if calibrate:
                 self.progress.status("embedding calibration tokens")
                 runner = LayerwiseRunner(self.source, self.device, self.opt.dtype, self.opt.batch_size,
@@ -311,7 +309,26 @@ class Pipeline:
         else:
             self._emit(spec, None, self._quantize(spec, spec.name, tensor, grid, None), grid)
 
+    def _in_row_blocks(self, spec: TensorSpec, name: str) -> bool:
+        """Stream a 2-D tensor to an exporter that encodes row blocks itself (``write_rows``): memory stays
+        at one block instead of the whole table (202,048 x 5,120 for Scout: 2 GB in bf16, 4 GB as float32)."""
+        write_rows = getattr(self.exporter, "write_rows", None)
+        if write_rows is None:
+            return False
+        rows = spec.shape[0]
+        step = max(1, ROW_BLOCK_ELEMENTS // spec.shape[1])
+        for r0 in range(0, rows, step):
+            write_rows(spec, r0, self.source.read_rows(name, r0, min(rows, r0 + step)))
+        return True
+
+    def _embeddings(self, spec: TensorSpec, grid: Grid | None) -> None:
+        if grid is None and self._in_row_blocks(spec, "tok_embeddings"):
+            return
+        self._write_plain_or_rtn(spec, self.source.read("tok_embeddings"), grid)
+
     def _head(self, spec: TensorSpec, grid: Grid | None, store: ActivationStore | None) -> None:
+        if grid is None and self._in_row_blocks(spec, "output"):
+            return
         w = self.source.read("output")
         if grid is None:
             self.exporter.write_tensor(spec, w)

@@ -58,6 +58,10 @@ class CheckpointReader:
         """Expert e's `kind` matrix ([out, in]); default slices the stacked tensor."""
         return self._read(f"layers.{layer}.experts.{kind}")[e]
 
+    def _read_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 of a 2-D tensor; default reads the whole tensor (readers that can slice override it)."""
+        return self._read(name)[r0:r1].clone()
+
     def vision_tensors(self) -> list[TensorInfo]:
         return []
 
@@ -77,6 +81,14 @@ class CheckpointReader:
             name = "tok_embeddings"
         t = self._read(name)
         self._check_finite(name, t)
+        return t
+
+    def read_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 of the 2-D tensor `name` (the embeddings and head are read in row blocks)."""
+        if name == "output" and self.config.tie_word_embeddings:
+            name = "tok_embeddings"
+        t = self._read_rows(name, r0, r1)
+        self._check_finite(f"{name}[{r0}:{r1}]", t)
         return t
 
     def read_expert(self, layer: int, kind: str, e: int) -> torch.Tensor:

@@ -190,6 +190,10 @@ class HFReader(CheckpointReader):
             return torch.stack([self._read_expert(int(m.group(1)), kind, e) for e in range(self.config.num_experts)])
         return self._raw(self._hf_name(name))
 
+    def _read_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        hf = self._hf_name(name)
+        return self._file_of(hf).get_slice(hf)[r0:r1]
+
     def _read_expert(self, layer: int, kind: str, e: int) -> torch.Tensor:
         p = f"{self.model_prefix}layers.{layer}.feed_forward.experts."
         if self._unfused:

@@ -9,7 +9,7 @@ FMA contraction (the x86-64 default), and so the same bytes.
 
 The functions return the *search* results (sub-block scales and mins as floats, the codes the search
 chose); turning them into 4/6/8-bit super-block fields is done by :mod:`llama4_quant.formats.gguf.quants`.
-This module only knows numpy.
+This module only knows numpy; the two hot searches run as compiled loops in :mod:`.kernels`.
 """
 
 from __future__ import annotations
@@ -66,14 +66,6 @@ def _round_clip(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return v
 
 
-def _err(t: np.ndarray, mad: bool) -> None:
-    """In place: |t| (``use_mad``) or t*t."""
-    if mad:
-        np.abs(t, out=t)
-    else:
-        t *= t
-
-
 def make_qkx_quants(
     x: np.ndarray,
     w: np.ndarray,
@@ -88,77 +80,20 @@ def make_qkx_quants(
 
     ``v3=False`` is ``make_qkx2_quants`` (used by the reference Q4_K/Q5_K quantizers),
     ``v3=True`` is ``make_qkx3_quants`` (the imatrix path); squared error, or absolute error with ``mad=True``
-    (``use_mad``: the reference Q2_K quantizer). The candidate codes are
-    clamped before rounding, which equals C's round-then-clamp wherever C's ``nearest_int`` is
-    defined (|v| < 2^22; qkx3 clamps first too). Returns ``(scale[B], the_min[B], L[n, B] uint8)``.
+    (``use_mad``: the reference Q2_K quantizer). The candidate codes are clamped before rounding, which equals
+    C's round-then-clamp wherever C's ``nearest_int`` is defined (|v| < 2^22; qkx3 clamps first too).
+    Returns ``(scale[B], the_min[B], L[n, B] uint8)``.
     """
-    fnmax = F32(nmax)
-    mn = x.min(axis=0)
-    mx = x.max(axis=0)
-    sum_w = seq_sum(w)
-    sum_x = seq_sum(w * x)
-    mn = np.where(mn > 0, F32(0), mn)
-    degenerate = (mx <= mn) if v3 else (mx == mn)
-    live = ~degenerate
-    # Degenerate blocks (all values equal and <= 0) return L = 0, scale 0, the_min = -min in C;
-    # give them a harmless range so the arithmetic below stays finite, and never update them.
-    mx = np.where(degenerate, mn + F32(1), mx)
+    x = np.ascontiguousarray(x, dtype=F32)
+    w = np.ascontiguousarray(w, dtype=F32)
+    n, nb = x.shape
+    scale = np.empty(nb, dtype=F32)
+    the_min = np.empty(nb, dtype=F32)
+    L = np.empty((n, nb), dtype=np.uint8)
+    from .kernels import qkx_kernel
 
-    v = np.empty_like(x)
-    t = np.empty_like(x)
-    u = np.empty_like(x)
-
-    def codes(iscale: np.ndarray, shift: np.ndarray) -> np.ndarray:
-        np.subtract(x, shift, out=v)
-        np.multiply(v, iscale, out=v)
-        return _round_clip(v, 0, nmax)
-
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = fnmax / (mx - mn)
-        scale = F32(1) / iscale
-        best_iscale, best_shift = iscale, mn
-        lf = codes(iscale, mn)
-        np.multiply(lf, scale, out=t)
-        t += mn
-        t -= x
-        _err(t, mad)
-        t *= w
-        best = seq_sum(t)
-
-        for step in range(nstep + 1):
-            num = F32(rmin) + F32(rdelta) * F32(step) + fnmax
-            iscale = num / (mx - mn)
-            lf = codes(iscale, mn)
-            np.multiply(w, lf, out=t)
-            sum_l = seq_sum(t)
-            np.multiply(t, lf, out=u)
-            sum_l2 = seq_sum(u)
-            np.multiply(t, x, out=u)
-            sum_xl = seq_sum(u)
-            D = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            pos = this_min > 0
-            this_min = np.where(pos, F32(0), this_min)
-            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            np.multiply(lf, this_scale, out=t)
-            t += this_min
-            t -= x
-            _err(t, mad)
-            t *= w
-            cur = seq_sum(t)
-            upd = (D > 0) & (cur < best) & live
-            if upd.any():
-                best_iscale = np.where(upd, iscale, best_iscale)
-                best_shift = np.where(upd, mn, best_shift)
-                best = np.where(upd, cur, best)
-                scale = np.where(upd, this_scale, scale)
-                mn = np.where(upd, this_min, mn)
-        L = codes(best_iscale, best_shift).astype(np.uint8)
-
-    scale = np.where(live, scale, F32(0))
-    L[:, degenerate] = 0
-    return scale.astype(F32), (-mn).astype(F32), L
+    qkx_kernel(x, w, int(nmax), F32(rmin), F32(rdelta), int(nstep), bool(v3), bool(mad), scale, the_min, L)
+    return scale, the_min, L
 
 
 def make_qx_quants(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -167,51 +102,14 @@ def make_qx_quants(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> tuple[np.
     Weights are ``qw`` when given, else ``x*x``. Returns ``(scale[B], L[n, B] uint8)`` with
     ``L = l + nmax`` (and L = 0 for an all-zero block, as the C code leaves it).
     """
+    x = np.ascontiguousarray(x, dtype=F32)
+    w = x * x if qw is None else np.ascontiguousarray(qw, dtype=F32)
     n, nb = x.shape
-    ax = np.abs(x)
-    imax = np.argmax(ax, axis=0)  # first maximal |x|, as the strict ">" scan in C
-    cols = np.arange(nb)
-    amax = ax[imax, cols]
-    mx = x[imax, cols]
-    zero = amax < GROUP_MAX_EPS
-    mx = np.where(zero, F32(1), mx)
-    w = x * x if qw is None else qw
-    wx = w * x
-    fnmax = F32(nmax)
-    v = np.empty_like(x)
-    t = np.empty_like(x)
+    scale = np.empty(nb, dtype=F32)
+    L = np.empty((n, nb), dtype=np.uint8)
+    from .kernels import qx_kernel
 
-    def codes(iscale: np.ndarray) -> np.ndarray:
-        np.multiply(x, iscale, out=v)
-        return _round_clip(v, -nmax, nmax - 1)
-
-    def attempt(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        lf = codes(iscale)
-        np.multiply(wx, lf, out=t)
-        sumlx = seq_sum(t)
-        np.multiply(w, lf, out=t)
-        np.multiply(t, lf, out=t)
-        return sumlx, seq_sum(t)
-
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        best_iscale = -fnmax / mx
-        sumlx, suml2 = attempt(best_iscale)
-        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
-        best = scale * sumlx
-        for step in range(-9, 10):
-            if step == 0:
-                continue
-            iscale = -(fnmax + F32(0.1) * F32(step)) / mx
-            sumlx, suml2 = attempt(iscale)
-            upd = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            if upd.any():
-                best_iscale = np.where(upd, iscale, best_iscale)
-                scale = np.where(upd, sumlx / suml2, scale)
-                best = np.where(upd, scale * sumlx, best)
-        L = (codes(best_iscale) + fnmax).astype(np.uint8)
-
-    L[:, zero] = 0
-    scale = np.where(zero, F32(0), scale).astype(F32)
+    qx_kernel(x, w, int(nmax), scale, L)
     return scale, L
 
 

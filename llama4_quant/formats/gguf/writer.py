@@ -91,6 +91,7 @@ class _Slot:
     shard: int
     offset: int  # absolute file offset of the tensor's data
     written: list[int | None] = field(default_factory=list)  # crc32 per slab (None: not yet written)
+    row_parts: list[tuple[int, int, int]] = field(default_factory=list)  # write_rows: (first byte, bytes, crc32)
 
 
 class GGUFFileWriter:
@@ -100,6 +101,7 @@ class GGUFFileWriter:
         w.open(lambda gw: add_model_metadata(gw, ...))
         w.write(name, array)              # whole tensor
         w.write(name, slab, expert=e)     # one expert of a routed-expert tensor
+        w.write_rows(name, r0, rows)      # rows r0.. of a 2-D tensor, in order (the embeddings, the head)
         files = w.commit()                # or w.abort()
     """
 
@@ -202,8 +204,34 @@ class GGUFFileWriter:
             raise GGUFWriteError(f"{name}[{expert}]: got {buf.nbytes} bytes, expected {info.slab_bytes}")
         self._put(slot, expert, buf)
 
+    def write_rows(self, name: str, row0: int, data: np.ndarray) -> None:
+        """Write the encoded rows ``row0 ..`` of a 2-D tensor; blocks must come in order, each starting where
+        the last one ended; the tensor counts as written when the last row is in."""
+        slot = self.slots.get(name)
+        if slot is None:
+            raise GGUFWriteError(f"tensor {name} is not in the GGUF plan")
+        info = slot.info
+        rows = info.shape[0]
+        if info.n_experts or len(info.shape) != 2:
+            raise GGUFWriteError(f"{name}: write_rows takes a 2-D tensor")
+        row_bytes = info.nbytes // rows
+        done = sum(n for _, n, _ in slot.row_parts)
+        if slot.written[0] is not None or row0 * row_bytes != done:
+            raise GGUFWriteError(f"{name}: rows from {row0} written out of order")
+        buf = memoryview(np.ascontiguousarray(data)).cast("B")
+        if buf.nbytes == 0 or buf.nbytes % row_bytes or done + buf.nbytes > info.nbytes:
+            raise GGUFWriteError(f"{name}: got {buf.nbytes} bytes at row {row0} ({row_bytes} per row, {rows} rows)")
+        fd = self._fds[slot.shard]
+        off = slot.offset + done
+        n = 0
+        while n < buf.nbytes:
+            n += os.pwrite(fd, buf[n:], off + n)
+        slot.row_parts.append((done, buf.nbytes, zlib.crc32(buf)))
+        if done + buf.nbytes == info.nbytes:
+            slot.written[0] = 0  # complete; the parts' CRCs are checked on read-back
+
     def _put(self, slot: _Slot, k: int, buf: memoryview) -> None:
-        if slot.written[k] is not None:
+        if slot.written[k] is not None or slot.row_parts:
             raise GGUFWriteError(f"{slot.info.name}: slab {k} written twice")
         fd = self._fds[slot.shard]
         off = slot.offset + k * slot.info.slab_bytes
@@ -274,8 +302,11 @@ class GGUFFileWriter:
                     raise GGUFWriteError(f"{t.name}: data offset/size mismatch on read-back")
                 if check_data:
                     raw = np.asarray(r.data[t.data_offset:t.data_offset + t.n_bytes])
+                    for start, n, crc in slot.row_parts:
+                        if zlib.crc32(memoryview(raw[start:start + n])) != crc:
+                            raise GGUFWriteError(f"{t.name}: data read back differs from what was written")
                     sb = slot.info.slab_bytes
-                    for e, crc in enumerate(slot.written):
+                    for e, crc in enumerate([] if slot.row_parts else slot.written):
                         if zlib.crc32(memoryview(raw[e * sb:(e + 1) * sb])) != crc:
                             raise GGUFWriteError(f"{t.name}: data read back differs from what was written")
                 seen.add(t.name)

@@ -460,3 +460,44 @@ def test_killed_conversion_leaves_no_complete_looking_file(models, tmp_path):
     assert r.returncode == 1 and "injected failure" in r.stderr
     _no_output(tmp_path, "k")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".k.gguf")]  # stale and own temp dirs gone
+
+
+def test_write_rows_in_order_and_complete(tmp_path):
+    """Row blocks of a 2-D tensor: in order, each where the last ended; the tensor is done at its last row."""
+    x = np.random.default_rng(0).standard_normal((10, 256)).astype(np.float32)
+    plan = [PlannedTensor("e.weight", None, (10, 256), T.Q4_K)]
+    w = GGUFFileWriter(tmp_path / "r.gguf", plan)
+    w.open(lambda gw: None)
+    w.write_rows("e.weight", 0, gq.quantize(x[:4], T.Q4_K))
+    with pytest.raises(Llama4QuantError, match="out of order"):
+        w.write_rows("e.weight", 6, gq.quantize(x[6:], T.Q4_K))
+    with pytest.raises(Llama4QuantError, match="written twice"):
+        w.write("e.weight", gq.quantize(x, T.Q4_K))
+    assert w.missing() == ["e.weight"]
+    w.write_rows("e.weight", 4, gq.quantize(x[4:], T.Q4_K))
+    assert w.missing() == []
+    (path,) = w.commit()
+    (t,) = GGUFReader(path).tensors
+    assert np.array_equal(np.asarray(t.data).view(np.uint8).ravel(), gq.quantize(x, T.Q4_K).ravel())
+
+
+def test_embeddings_and_head_streamed_in_row_blocks_give_the_same_file(models, tmp_path, monkeypatch):
+    """The pipeline streams the embeddings and an uncalibrated head in row blocks: same bytes as one block."""
+    import llama4_quant.convert.pipeline as pl
+
+    run_gguf_convert(models["scout"], tmp_path / "whole.gguf", scheme="q4_k_m", method="rtn")
+    reads = []
+    real = pl.CheckpointReader.read_rows
+
+    def spy(self, name, r0, r1):
+        reads.append((name, r1 - r0))
+        return real(self, name, r0, r1)
+
+    monkeypatch.setattr(pl, "ROW_BLOCK_ELEMENTS", 256 * 7)  # 7 rows per block: a ragged last block
+    monkeypatch.setattr(pl.CheckpointReader, "read_rows", spy)
+    run_gguf_convert(models["scout"], tmp_path / "blocks.gguf", scheme="q4_k_m", method="rtn")
+    assert {n for n, _ in reads} == {"tok_embeddings", "output"} and max(k for _, k in reads) == 7
+    a, b = _tensors(tmp_path / "whole.gguf"), _tensors(tmp_path / "blocks.gguf")
+    assert set(a) == set(b)
+    for name in a:
+        assert np.array_equal(np.asarray(a[name].data).view(np.uint8), np.asarray(b[name].data).view(np.uint8)), name
