@@ -276,6 +276,22 @@ def st_candidates(spec, schemes: tuple[str, ...], group_size: int | None) -> lis
     return [s for s in schemes if st_scheme_applies(s, spec.shape, group_size)]
 
 
+def expert_importance(imatrix, name: str, e: int, top_k: int) -> np.ndarray | None:
+    """Routed expert e's importance per token through its layer: mean x^2 over the tokens routed to it (after the
+    router scale) times its share of the layer's tokens, so that its error weighs as much as it adds to the layer's
+    output on average (a dense tensor's importance is a mean over every token). An expert no calibration token
+    reached gets the mean of the others' importance at the average share top_k / E."""
+    s, c = imatrix.sums.get(name), imatrix.counts.get(name)
+    if s is None or int(c.sum()) == 0:
+        return None
+    tokens = float(c.sum()) / top_k
+    if int(c[e]) > 0:
+        return (s[e] / tokens).float().numpy()
+    seen = c > 0
+    mean = (s[seen] / c[seen].unsqueeze(1).double()).mean(0)
+    return (mean * (top_k / len(c))).float().numpy()
+
+
 def measure_safetensors(source, imatrix, specs, schemes: tuple[str, ...], *, group_size: int | None,
                         observer: str = "minmax", device: str = "cpu") -> dict[str, dict[str, Any]]:
     """{unit: {"tensors", "params", "costs": {scheme: [bytes, error]}, "tensor_costs": {tensor: {scheme: [bytes,
@@ -307,7 +323,8 @@ def measure_safetensors(source, imatrix, specs, schemes: tuple[str, ...], *, gro
                 if spec.num_experts else [(None, source.read(spec.name))])
         for e, w in mats:
             w = w.to(device, torch.float32)
-            imp = None if imatrix is None else imatrix.get(spec.name, e)
+            imp = None if imatrix is None else (imatrix.get(spec.name) if e is None else
+                                                 expert_importance(imatrix, spec.name, e, cfg.top_k))
             weight = (torch.ones(w.shape[1], device=device) if imp is None
                       else torch.as_tensor(np.asarray(imp, np.float32), device=device))
             for s in ok:

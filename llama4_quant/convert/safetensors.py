@@ -463,7 +463,8 @@ class SafetensorsExporter:
                 "config_sha256": sha256_file(src_cfg) if src_cfg.exists() else None,
                 "index_sha256": sha256_file(src / INDEX) if (src / INDEX).exists() else None,
             },
-            "scheme": {"name": self.scheme_name, "repr": repr(self.scheme),
+            "scheme": {"name": self.scheme_name, "repr": repr(self.scheme) if self.scheme_overrides is None else
+                       "per module (per_module): " + ", ".join(n for n, _ in self.plan_targets()),
                        "quantization_config": config["quantization_config"]},
             "targets": sorted(self.selection.roles), "ignore_patterns": list(self.selection.ignore),
             "per_module": plan,

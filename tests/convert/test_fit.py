@@ -364,3 +364,23 @@ def test_inspect_says_what_convert_fit_does(st_sized, trained_model, tmp_path):
     assert f["uniform"] is None and not f["fit"]["possible"]
     with pytest.raises(Llama4QuantError, match="smallest types"):
         convert(trained_model, tmp_path / "st2", fit=small, context=context, reserve=reserve, plan_only=True, **calib)
+
+
+def test_expert_importance_weighs_by_share_of_tokens():
+    """A routed expert's error counts per token through its layer: its mean x^2 times the share of tokens it got
+    (what it adds to the layer's output on average); an expert no token reached gets the others' mean at 1/E."""
+    import torch
+
+    from llama4_quant.formats.gguf.imatrix import Imatrix
+
+    sums = torch.tensor([[6.0, 12.0], [2.0, 2.0], [0.0, 0.0], [4.0, 0.0]], dtype=torch.float64)
+    counts = torch.tensor([3, 1, 0, 4])
+    im = Imatrix({"layers.0.experts.gate": sums}, {"layers.0.experts.gate": counts})
+    # 8 tokens, top-1: expert 0 saw 3 with mean x^2 [2, 4] -> [2, 4] * 3/8
+    assert fit.expert_importance(im, "layers.0.experts.gate", 0, 1).tolist() == [0.75, 1.5]
+    assert fit.expert_importance(im, "layers.0.experts.gate", 3, 1).tolist() == [0.5, 0.0]
+    mean = (torch.tensor([2.0, 4.0]) + torch.tensor([2.0, 2.0]) + torch.tensor([1.0, 0.0])) / 3
+    assert fit.expert_importance(im, "layers.0.experts.gate", 2, 1).tolist() == pytest.approx((mean / 4).tolist())
+    # top-2 routing: each token counted twice in the counts
+    assert fit.expert_importance(im, "layers.0.experts.gate", 0, 2).tolist() == [1.5, 3.0]
+    assert fit.expert_importance(im, "layers.9.experts.gate", 0, 1) is None
