@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .arrays import count_nonfinite
 from .config import Llama4Config
 from .tensors import expected_shapes
 
@@ -97,8 +98,8 @@ class CheckpointReader:
         return t
 
     def _check_finite(self, name: str, t: torch.Tensor) -> None:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
+        bad = count_nonfinite(t)
+        if bad:
             raise CheckpointError(f"{self.path}: tensor {name} holds {bad} NaN/inf values (corrupt checkpoint?)")
 
     def validate(self) -> None:

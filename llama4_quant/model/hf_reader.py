@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
+from .arrays import transposed
 from .checkpoint import CheckpointReader, TensorInfo, check_inside
 from .config import Llama4Config
 
@@ -201,11 +202,10 @@ class HFReader(CheckpointReader):
         I = self.config.intermediate_size
         if kind == "down":
             name = p + "down_proj"
-            return self._file_of(name).get_slice(name)[e].t().contiguous()
+            return transposed(self._file_of(name).get_slice(name)[e])
         name = p + "gate_up_proj"
         w = self._file_of(name).get_slice(name)[e]  # [H, 2I]
-        w = w[:, :I] if kind == "gate" else w[:, I:]
-        return w.t().contiguous()
+        return transposed(w[:, :I] if kind == "gate" else w[:, I:])
 
     def validate(self) -> None:
         super().validate()
