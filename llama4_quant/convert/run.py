@@ -275,13 +275,13 @@ def _plan_types(o: ConvertOptions, reader, exporter, pipe, tokens, method: str) 
 def _plan_schemes(o: ConvertOptions, reader, exporter, pipe, tokens) -> dict[str, Any]:
     """--to safetensors: one scheme per vLLM-fused unit (a layer's experts, q/k/v, gate/up, ...) among --fit-schemes,
     for the Linears --targets/--ignore select; or replayed from --plan FILE."""
+    from ..model.tensors import tensor_specs
     from . import fit
 
     cfg = reader.config
     targets = (o.fit, o.target_size, o.target_bpw)
+    exporter = getattr(exporter, "real", exporter)  # torchrun ranks > 0 hold a ShadowExporter around the real one
     exporter.prepare(reader)
-    from ..model.tensors import tensor_specs
-
     specs = [s for s in tensor_specs(cfg) if exporter.selected(s)]
     if not specs:
         raise Llama4QuantError("nothing to plan: --targets/--ignore leave no Linear selected")
@@ -294,7 +294,7 @@ def _plan_schemes(o: ConvertOptions, reader, exporter, pipe, tokens) -> dict[str
             raise Llama4QuantError("--plan replays a saved plan: give it without --fit/--target-size/--target-bpw")
         if o.fit_schemes:
             warnings.append("--fit-schemes is not used: --plan replays the saved schemes")
-        exporter.scheme_overrides = fit.load_st_plan(o.plan, cfg, specs, exporter.group_size)
+        exporter.scheme_overrides = pipe.ranks.broadcast(fit.load_st_plan(o.plan, cfg, specs, exporter.group_size))
         pipe.warnings.extend(warnings)
         return {"plan": {"file": str(o.plan), "tensor_bytes": None, "predicted_error": None, "budget": None}}
     if tokens is None:
@@ -306,9 +306,10 @@ def _plan_schemes(o: ConvertOptions, reader, exporter, pipe, tokens) -> dict[str
     measured = fit.measure_safetensors(reader, importance, specs, schemes, group_size=exporter.group_size,
                                        observer=exporter.observer, device=str(pipe.device))
     choice = fit.optimise(measured, budget.tensor_bytes, smallest=schemes[0])
-    plan = fit.make_st_plan(measured, choice, budget, group_size=exporter.group_size, observer=exporter.observer,
-                            schemes=schemes)
-    plan["file"] = str(fit.save_plan(plan, Path(str(o.out) + ".plan.json")))
+    plan = pipe.ranks.broadcast(fit.make_st_plan(measured, choice, budget, group_size=exporter.group_size,
+                                                 observer=exporter.observer, schemes=schemes))  # rank 0's, everywhere
+    path = Path(str(o.out) + ".plan.json")
+    plan["file"] = str(fit.save_plan(plan, path) if pipe.ranks.writer else path)
     exporter.scheme_overrides = {k: v["type"] for k, v in plan["tensors"].items()}
     pipe.warnings.extend(warnings)
     return {"plan": plan, "format": "safetensors", "plan_only": o.plan_only, "output": None, "warnings": warnings}
