@@ -384,3 +384,33 @@ def test_expert_importance_weighs_by_share_of_tokens():
     # top-2 routing: each token counted twice in the counts
     assert fit.expert_importance(im, "layers.0.experts.gate", 0, 2).tolist() == [1.5, 3.0]
     assert fit.expert_importance(im, "layers.9.experts.gate", 0, 1) is None
+
+
+@pytest.mark.slow
+def test_st_fit_under_torchrun_writes_the_single_process_shards(trained_model, tmp_path):
+    """Two ranks measure, take rank 0's plan, and write the shards one process writes."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", LLAMA4_QUANT_DIST_TIMEOUT="120")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    args = ["convert", str(trained_model), "--calib", str(trained_model / "calib.txt"), "--calib-samples", "8",
+            "--calib-seqlen", "128", "--device", "cpu", "--target-bpw", "9"]
+    one = subprocess.run([sys.executable, "-m", "llama4_quant", *args[:2], str(tmp_path / "one"), *args[2:]],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr
+    import socket
+
+    with socket.socket() as sock:  # a free port (other test runs on this machine use torchrun too)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(port), "-m", "llama4_quant", *args[:2], str(tmp_path / "two"),
+                          *args[2:]], capture_output=True, text=True, env=env, timeout=900)
+    assert two.returncode == 0, two.stderr
+    for n in ("model-00001-of-00001.safetensors", "config.json", "model.safetensors.index.json"):
+        assert (tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes(), n
+    a, b = (json.loads((tmp_path / f"{n}.plan.json").read_text()) for n in ("one", "two"))
+    assert a["units"] == b["units"] and len({u["scheme"] for u in a["units"].values()}) > 1
