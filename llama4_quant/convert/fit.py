@@ -508,12 +508,13 @@ def suggest(cfg: Llama4Config, *, gpu_mem: int, context: int, reserve: int, gguf
     the largest uniform scheme that fits, and what `convert --fit` would plan (the same budget arithmetic as
     convert: budget_for, the same candidates, the same byte counts). Reads no weights."""
     from ..formats.gguf.mix import SCHEMES as GGUF_SCHEMES, plan_tensors
-    from .sizes import kv_cache_bytes, st_linear_bytes
+    from .sizes import DTYPE_BYTES, kv_cache_bytes
 
     kv = kv_cache_bytes(cfg, context)
     specs = tensor_specs(cfg)
     n_params = sum(int(np.prod(s.full_shape)) for s in specs)
     role = {s.name: s.role for s in specs}
+    model_bytes = DTYPE_BYTES.get(str(cfg.torch_dtype or "bfloat16").removeprefix("torch."), 2)  # scales' dtype
 
     def budget(**kw) -> Budget | None:
         try:
@@ -554,7 +555,7 @@ def suggest(cfg: Llama4Config, *, gpu_mem: int, context: int, reserve: int, gguf
     for scheme in ST_UNIFORM:
         if not all(st_candidates(s, (scheme,), group_size) for s in planned):
             continue
-        items = [(s.role, st_tensor_bytes(s, scheme, group_size, 2, stored_bytes)) for s in planned] + fixed_items
+        items = [(s.role, st_tensor_bytes(s, scheme, group_size, model_bytes, stored_bytes)) for s in planned] + fixed_items
         w = sum(b for _, b in items) + st_parts["passthrough"]
         rows.append({"scheme": scheme, "weights_bytes": w, "overhead_bytes": st_parts["overhead"],
                      "total_bytes": w + st_parts["overhead"] + kv,
@@ -562,7 +563,7 @@ def suggest(cfg: Llama4Config, *, gpu_mem: int, context: int, reserve: int, gguf
                      "components": _components(items, {**extra, "kv_cache": kv})})
     best, least = _pick(rows, gpu_mem)
     per_tensor = [(s.role, int(np.prod(s.full_shape)),
-                   {c: st_tensor_bytes(s, c, group_size, 2, stored_bytes)
+                   {c: st_tensor_bytes(s, c, group_size, model_bytes, stored_bytes)
                     for c in st_candidates(s, ST_DEFAULT_SCHEMES, group_size)}) for s in planned]
     st = {"schemes": rows, "uniform": best, "smallest_uniform": {k: least[k] for k in ("scheme", "memory_bytes")},
           "fit": _fit_row(budget(**st_parts) if planned else None, per_tensor, ST_DEFAULT_SCHEMES, fixed_items,
