@@ -48,6 +48,16 @@ def to_hf_name(name: str, model_prefix: str = "language_model.model.", head: str
     return f"{model_prefix}layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
 
 
+_PREAD_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def safetensors_header(fpath: Path) -> tuple[dict, int]:
+    """(header, offset of the data section) of a safetensors file."""
+    with open(fpath, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(header_len)), 8 + header_len
+
+
 def open_safetensors(fpath: Path):
     """A lazy safetensors handle, after checking the file holds every byte its header promises (the map is
     lazy: a truncated file would otherwise fail only when a late tensor is touched)."""
@@ -73,6 +83,8 @@ class HFReader(CheckpointReader):
         self.config = cfg
         self._files: dict[str, object] = {}
         self._keys: dict[str, set[str]] = {}  # tensor names each file holds (its header)
+        self._headers: dict[str, tuple[dict, int]] = {}  # file -> (header, data offset), for _expert_slab
+        self._slab: tuple[tuple[str, int], torch.Tensor] | None = None
         self.weight_map = self._weight_map()
         keys = self.weight_map.keys()
         if any(k.startswith("language_model.") for k in keys):
@@ -138,9 +150,43 @@ class HFReader(CheckpointReader):
 
     def close(self) -> None:
         self._files.clear()
+        self._slab = None
 
     def release(self) -> None:
         self._files.clear()
+        self._slab = None
+
+    def _expert_slab(self, hf_name: str, e: int) -> torch.Tensor:
+        """Expert e of a fused [E, ...] tensor, read with pread into memory of our own: the slab is contiguous
+        in the file, and a memory map would keep every page read resident until the layer's maps are dropped
+        (a whole MoE layer, 4.4 GB for Scout). The last slab is kept, since gate and up share one."""
+        if self._slab is not None and self._slab[0] == (hf_name, e):
+            return self._slab[1]
+        fname = self.weight_map[hf_name]
+        self._file_of(hf_name)  # checks the file holds the tensor
+        header, data_start = self._headers.setdefault(fname, safetensors_header(self.path / fname))
+        info = header[hf_name]
+        dtype = _PREAD_DTYPES.get(info["dtype"])
+        shape = info["shape"]
+        if dtype is None or len(shape) != 3:
+            t = self._file_of(hf_name).get_slice(hf_name)[e]
+        else:
+            begin, end = info["data_offsets"]
+            slab = (end - begin) // shape[0]
+            buf = bytearray(slab)
+            view, n = memoryview(buf), 0
+            with open(self.path / fname, "rb", buffering=0) as f:
+                f.seek(data_start + begin + e * slab)
+                while n < slab:
+                    got = f.readinto(view[n:])
+                    if not got:
+                        break
+                    n += got
+            if n != slab:
+                raise CheckpointError(f"{self.path / fname}: short read of {hf_name}[{e}] (truncated file?)")
+            t = torch.frombuffer(buf, dtype=dtype).view(shape[1:])
+        self._slab = ((hf_name, e), t)
+        return t
 
     # -- naming ---------------------------------------------------------------------
     def _hf_name(self, name: str) -> str:
@@ -201,10 +247,8 @@ class HFReader(CheckpointReader):
             return self._raw(f"{p}{e}.{kind}_proj.weight")
         I = self.config.intermediate_size
         if kind == "down":
-            name = p + "down_proj"
-            return transposed(self._file_of(name).get_slice(name)[e])
-        name = p + "gate_up_proj"
-        w = self._file_of(name).get_slice(name)[e]  # [H, 2I]
+            return transposed(self._expert_slab(p + "down_proj", e))
+        w = self._expert_slab(p + "gate_up_proj", e)  # [H, 2I]
         return transposed(w[:, :I] if kind == "gate" else w[:, I:])
 
     def validate(self) -> None:
