@@ -101,7 +101,10 @@ def measure(source, imatrix) -> dict[str, dict[str, Any]]:
         for e, w in mats:
             w = w.float().numpy()
             imp = None if spec.role == "embed" or imatrix is None else imatrix.get(spec.name, e)
-            weight = np.ones(row, np.float32) if imp is None else np.asarray(imp, np.float32)
+            # the error weighs by the expert's share of the layer's tokens (see expert_importance): on the tiny
+            # model, a plan between q3_k_m and q4_k_m had KLD 0.0124 with it, 0.0203 with the per-routed-token mean
+            share = imp if e is None or imp is None else expert_importance(imatrix, spec.name, e, cfg.top_k)
+            weight = np.ones(row, np.float32) if share is None else np.asarray(share, np.float32)
             for t in types:
                 q = gq.dequantize(gq.quantize(w, t, imp), t, w.shape)
                 costs[t.name][1] += float((((w - q) ** 2) * weight).sum())
