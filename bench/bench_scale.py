@@ -10,9 +10,10 @@ tokenizer is the shipped tiny model's (both tools pad the vocabulary to the embe
 Then runs, each in its own process (wall seconds and peak RSS from /usr/bin/time):
 
 - ours: `llama4-quant convert SRC OUT.gguf --to gguf --scheme q4_k_m --method rtn` (and `--method imatrix`
-  with `--calib-samples`/`--calib-seqlen` random-text tokens, `--method gptq`, `--to safetensors --scheme w4a16`
+  with `--calib-samples` x `--calib-seqlen` tokens of the shipped calibration text, `--method gptq`, `--to safetensors --scheme w4a16`
   or `fp8-dynamic` when named in `--runs`);
-- llama.cpp: `convert_hf_to_gguf.py --outtype bf16` then `llama-quantize ... Q4_K_M` (all threads).
+- llama.cpp: `convert_hf_to_gguf.py --outtype bf16` then `llama-quantize ... Q4_K_M` (all threads), and for
+  `llama.cpp-imatrix` `llama-imatrix` on the same calibration tokens then `llama-quantize --imatrix`.
 
 It checks that our rtn file holds the same tensor bytes as llama.cpp's Q4_K_M (names, types, data), and prints a
 table (seconds, GB/s of bf16 input, peak RSS, peak RSS / one decoder layer's bf16 bytes) and the ratios the
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--dir", default="/tmp/scout-bench")
-    ap.add_argument("--runs", default="rtn,llama.cpp", help="comma list of: rtn imatrix gptq w4a16 fp8 llama.cpp")
+    ap.add_argument("--runs", default="rtn,imatrix,llama.cpp,llama.cpp-imatrix",
+                    help="comma list of: rtn imatrix gptq w4a16 fp8 llama.cpp llama.cpp-imatrix")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--calib-seqlen", type=int, default=128)
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         outs[name] = out
         print(f"  {rows[f'ours {name}']}", flush=True)
 
-    if "llama.cpp" in runs:
+    if "llama.cpp" in runs or "llama.cpp-imatrix" in runs:
         from support import llamacpp as L
 
         lc = L.find_llamacpp()
@@ -202,6 +204,25 @@ def main(argv: list[str] | None = None) -> dict:
             rows["llama.cpp quantize"] = quant
             rows["llama.cpp total"] = {"seconds": round(conv["seconds"] + quant["seconds"], 1),
                                        "peak_rss": max(conv["peak_rss"], quant["peak_rss"])}
+            if "llama.cpp-imatrix" in runs:  # llama-imatrix on the same tokens, then llama-quantize --imatrix
+                imat = work / "llamacpp.imatrix.gguf"
+                n_ctx = args.calib_seqlen
+                print("llama.cpp llama-imatrix ...", flush=True)
+                im = timed([lc.imatrix, "-m", bf16, "-f", calib, "-o", imat, "-c", n_ctx, "-b", n_ctx,
+                            "--chunks", args.calib_samples, "--output-format", "gguf", "--no-ppl",
+                            "-t", args.threads], env, work / "llamacpp-imatrix.log")
+                print(f"  {im}\nllama.cpp llama-quantize --imatrix ...", flush=True)
+                qi = work / "llamacpp-q4_k_m-imatrix.gguf"
+                quant_i = timed([lc.quantize, "--imatrix", imat, bf16, qi, "Q4_K_M", str(args.threads)], env,
+                                work / "llamacpp-quantize-imatrix.log")
+                print(f"  {quant_i}", flush=True)
+                rows["llama.cpp imatrix"] = im
+                rows["llama.cpp quantize --imatrix"] = quant_i
+                rows["llama.cpp imatrix total"] = {
+                    "seconds": round(conv["seconds"] + im["seconds"] + quant_i["seconds"], 1),
+                    "peak_rss": max(conv["peak_rss"], im["peak_rss"], quant_i["peak_rss"])}
+                if not args.keep:
+                    qi.unlink(missing_ok=True)
             if "rtn" in outs:
                 ok, why = same_tensors(outs["rtn"], q)
                 rows["ours rtn"]["identical_to_llama.cpp"] = ok
@@ -222,6 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "ours rtn" in rows and "llama.cpp total" in rows:
         ratios["rtn throughput vs llama.cpp convert+quantize"] = round(
             rows["llama.cpp total"]["seconds"] / rows["ours rtn"]["seconds"], 2)
+    if "ours imatrix" in rows and "llama.cpp imatrix total" in rows:
+        ratios["imatrix throughput vs llama.cpp convert+imatrix+quantize"] = round(
+            rows["llama.cpp imatrix total"]["seconds"] / rows["ours imatrix"]["seconds"], 2)
     if "ours gptq" in rows and "llama.cpp total" in rows:
         ratios["gptq time / llama.cpp rtn time"] = round(
             rows["ours gptq"]["seconds"] / rows["llama.cpp total"]["seconds"], 2)
