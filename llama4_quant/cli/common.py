@@ -53,6 +53,21 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty()
 
 
+class EtaColumn(TimeRemainingColumn):
+    """Time remaining: the task's own ``eta`` field (seconds) when its owner computes one, else rich's estimate
+    (which only looks at the last 30 s, too short for minutes-long layers)."""
+
+    def render(self, task):
+        eta = task.fields.get("eta")
+        if eta is None:
+            return super().render(task)
+        from rich.text import Text
+
+        m, sec = divmod(int(round(eta)), 60)
+        h, m = divmod(m, 60)
+        return Text(f"{h}:{m:02d}:{sec:02d}", style="progress.remaining")
+
+
 @contextmanager
 def progress_bar(enabled: bool | None = None):
     """A rich Progress on stderr; disabled (no output at all) when stderr is not a terminal."""
@@ -63,7 +78,7 @@ def progress_bar(enabled: bool | None = None):
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        EtaColumn(),
         console=err_console,
         disable=not enabled,
         transient=False,

@@ -45,15 +45,19 @@ class RichProgress:
         self.layers = None
         self.experts = None
         self.tokens, self.t_layer = 0, time.perf_counter()
+        self.t_first, self.first_layer = None, 0  # the layers' ETA: mean time per layer since the first began
 
     def start(self, num_layers, tokens=0):
         if self.layers is not None:
             self.prog.remove_task(self.layers)
         self.layers = self.prog.add_task("layers", total=num_layers)
         self.tokens, self.t_layer = tokens, time.perf_counter()
+        self.t_first = None
 
     def layer_start(self, layer, num_experts):
         self.t_layer = time.perf_counter()
+        if self.t_first is None:
+            self.t_first, self.first_layer = self.t_layer, layer
         if self.experts is not None:
             self.prog.remove_task(self.experts)
             self.experts = None
@@ -71,6 +75,10 @@ class RichProgress:
             self.prog.update(self.layers, description=f"layers ({rate:,.0f} tok/s)")
         self.t_layer = now
         self.prog.advance(self.layers)
+        task = self.prog.tasks[[t.id for t in self.prog.tasks].index(self.layers)]
+        done = layer + 1 - self.first_layer
+        if self.t_first is not None and done > 0 and task.total:
+            self.prog.update(self.layers, eta=(now - self.t_first) / done * max(0, task.total - task.completed))
 
     def status(self, text):
         pass
