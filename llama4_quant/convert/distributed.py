@@ -11,6 +11,10 @@ token receives one expert's output plus zeros), so the next layer sees bit for b
 The quantized experts travel to rank 0, which alone writes the artifact, in the single-process order: the files
 are byte-identical to a one-process run with the same options. Backend: NCCL on CUDA, gloo on CPU.
 
+Memory per rank: a rank holds the Hessians, weights and compute copies of its own experts only (1/N of a chunk's),
+and the results go to rank 0 in rounds of one expert per rank, each matrix point to point and written before the
+next arrives, so rank 0 never holds more than one peer matrix at a time (docs/distributed.md has the numbers).
+
 A rank that fails, or a peer that disappears, ends the run on every rank with one error line; rank 0 removes its
 temporary output, so no artifact appears."""
 
@@ -30,6 +34,7 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
+    comm_device: str = "cpu"  # where tensors travel: the rank's GPU under NCCL
 
     @property
     def active(self) -> bool:
@@ -41,6 +46,10 @@ class Ranks:
 
     def owns(self, expert: int) -> bool:
         return expert % self.world == self.rank
+
+    def share(self, experts: list[int]) -> list[list[int]]:
+        """Each rank's experts among `experts`, in order (rank r's at index r)."""
+        return [[e for e in experts if e % self.world == r] for r in range(self.world)]
 
     # -- collectives (no-ops in one process) -------------------------------------------------------------------
     def all_sum(self, t) -> None:
@@ -68,6 +77,22 @@ class Ranks:
         box = [obj]
         _guard(lambda: dist.broadcast_object_list(box, src=0))
         return box[0]
+
+    def send(self, t, dst: int = 0) -> None:
+        """One tensor to rank `dst` (blocks until it is taken; pairs with `recv` there, messages in order)."""
+        import torch.distributed as dist
+
+        t = t.to(self.comm_device).contiguous()
+        _guard(lambda: dist.send(t, dst))
+
+    def recv(self, shape, dtype, src: int, device):
+        """The next tensor `src` sends this rank, on `device`."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.empty(shape, dtype=dtype, device=self.comm_device)
+        _guard(lambda: dist.recv(t, src))
+        return t.to(device)
 
     def barrier(self) -> None:
         if self.active:
@@ -106,7 +131,26 @@ def from_environment(device: str = "auto") -> Ranks:
         except Exception as e:
             raise Llama4QuantError(f"rank {rank}: could not join the other {world - 1} rank(s) "
                                    f"({str(e).splitlines()[0][:200]})") from None
-    return Ranks(rank, world)
+    return Ranks(rank, world, "cuda" if dist.get_backend() == "nccl" else "cpu")
+
+
+def pack(obj: Any) -> bytes:
+    """`obj` (tensors anywhere in it) as bytes for gather/broadcast; `unpack` puts its tensors on a device."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def unpack(blob: bytes, device) -> Any:
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(blob), map_location=device, weights_only=False)  # from our own peers
 
 
 def shutdown(ranks: Ranks) -> None:

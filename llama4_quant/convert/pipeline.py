@@ -541,45 +541,51 @@ class Pipeline:
                             acc_dn[e].add(F.silu(F.linear(xin, g)) * F.linear(xin, u))
                 del dev_w
         runtime: dict[int, list[torch.Tensor]] = {}
-        sent: list[tuple] = []  # expert-parallel: what rank 0 writes for this rank's experts
-        for e in mine:
-            we = weights.pop(e) if e in weights else read(e)
-            if quantized:
-                fallback = ""
-                if calibrate and opt.method == "gptq" and e not in acc_in:
-                    n = int(counts[e])
-                    fallback = ("no calibration tokens routed to this expert" if n == 0 else
-                                f"only {n} calibration tokens routed (< --min-expert-tokens {opt.min_expert_tokens})")
-                    fallback += "; RTN with MSE clipping"
-                mats = []
-                for k in kinds:
-                    acc = (acc_dn if k == "down" else acc_in).get(e)
-                    name = especs[k].expert_name(e)
-                    res = self._quantize(especs[k], name, we[k], egrids[k], acc, fallback)
-                    if ranks.active:
-                        sent.append((e, k, "q", res, self.records[name]))
-                        if out is not None:
-                            mats.append(self.exporter.runtime_weight(especs[k], res, egrids[k]))
-                    else:
-                        mats.append(self._emit(especs[k], e, res, egrids[k], runtime=out is not None))
-                    del res
-                if out is not None:
-                    runtime[e] = mats
-                acc_in.pop(e, None)
-                acc_dn.pop(e, None)  # free this expert's Hessians right away
-            else:
-                for k in kinds:
-                    if ranks.active:
-                        sent.append((e, k, "t", we[k], None))
-                    else:
-                        self.exporter.write_tensor(TensorSpec(especs[k].expert_name(e), "experts", especs[k].shape, i), we[k])
-                if out is not None:
-                    runtime[e] = [we[k] for k in kinds]
-            del we
-            if not ranks.active:
-                self.progress.expert_done(i, e)
-        if ranks.active:
-            self._write_gathered(i, experts, especs, egrids, sent)
+        # expert-parallel: rounds of one expert per rank (round j: every rank's j-th expert of the chunk, experts
+        # c0 + jN .. c0 + jN + N - 1), each written by rank 0 before the next round, so no rank keeps its results
+        # past its round and rank 0 receives them one matrix at a time (in one process: one expert per round)
+        share = ranks.share(experts)
+        for j in range(max(len(s) for s in share)):
+            sent: list[tuple] = []  # expert-parallel: what rank 0 writes for this rank's expert of the round
+            for e in mine[j : j + 1]:
+                we = weights.pop(e) if e in weights else read(e)
+                if quantized:
+                    fallback = ""
+                    if calibrate and opt.method == "gptq" and e not in acc_in:
+                        n = int(counts[e])
+                        fallback = ("no calibration tokens routed to this expert" if n == 0 else
+                                    f"only {n} calibration tokens routed (< --min-expert-tokens {opt.min_expert_tokens})")
+                        fallback += "; RTN with MSE clipping"
+                    mats = []
+                    for k in kinds:
+                        acc = (acc_dn if k == "down" else acc_in).get(e)
+                        name = especs[k].expert_name(e)
+                        res = self._quantize(especs[k], name, we[k], egrids[k], acc, fallback)
+                        if ranks.active:
+                            sent.append((e, k, "q", res, self.records[name]))
+                            if out is not None:
+                                mats.append(self.exporter.runtime_weight(especs[k], res, egrids[k]))
+                        else:
+                            mats.append(self._emit(especs[k], e, res, egrids[k], runtime=out is not None))
+                        del res
+                    if out is not None:
+                        runtime[e] = mats
+                    acc_in.pop(e, None)
+                    acc_dn.pop(e, None)  # free this expert's Hessians right away
+                else:
+                    for k in kinds:
+                        if ranks.active:
+                            sent.append((e, k, "t", we[k], None))
+                        else:
+                            self.exporter.write_tensor(TensorSpec(especs[k].expert_name(e), "experts", especs[k].shape, i), we[k])
+                    if out is not None:
+                        runtime[e] = [we[k] for k in kinds]
+                del we
+                if not ranks.active:
+                    self.progress.expert_done(i, e)
+            if ranks.active:
+                self._write_gathered(i, sorted(s[j] for s in share if j < len(s)), especs, egrids, sent)
+            del sent
         if out is None:
             return
         dev_q = {e: [t.to(self.device, opt.dtype) for t in runtime.pop(e)] for e in mine}
@@ -602,21 +608,43 @@ class Pipeline:
                 out.put(sl, acc.view(h.shape))
 
     def _write_gathered(self, i, experts, especs, egrids, sent) -> None:
-        """Expert-parallel: rank 0 collects every rank's quantized experts of a chunk and writes them in the
-        single-process order (expert by expert, gate/up/down)."""
-        got = self.ranks.gather(sent)
+        """Expert-parallel: rank 0 writes one round's experts (one per rank) in the single-process order (expert by
+        expert, gate/up/down). Params and records arrive in one gather; each peer matrix arrives point to point
+        just before it is written, so rank 0 holds one of them at a time."""
+        from dataclasses import replace
+
+        from .distributed import pack, unpack
+
+        ranks = self.ranks
+        light = [(e, k, kind, replace(obj, weight=None) if kind == "q" else None, rec,
+                  tuple((obj.weight if kind == "q" else obj).shape), (obj.weight if kind == "q" else obj).dtype)
+                 for e, k, kind, obj, rec in sent]
+        got = ranks.gather(pack(light) if not ranks.writer else b"")
         if got is None:
+            for e, k, kind, obj, rec in sent:  # in order: rank 0 takes them in the same order
+                ranks.send(obj.weight if kind == "q" else obj)
             return
-        items = {(e, k): (kind, obj, rec) for part in got for e, k, kind, obj, rec in part}
+        own = {(e, k): (kind, obj, rec) for e, k, kind, obj, rec in sent}
+        peers = {(item[0], item[1]): (r, item) for r in range(1, ranks.world) for item in unpack(got[r], self.device)}
+        del got
         for e in experts:
             for k in ("gate", "up", "down"):
-                kind, obj, rec = items.pop((e, k))
+                if (e, k) in own:
+                    kind, obj, rec = own.pop((e, k))
+                else:
+                    r, (_, _, kind, meta, rec, shape, dtype) = peers.pop((e, k))
+                    t = ranks.recv(shape, dtype, r, self.device if kind == "q" else "cpu")
+                    obj = replace(meta, weight=t) if kind == "q" else t
+                    del t
                 if kind == "q":
                     self.records[especs[k].expert_name(e)] = rec
                     self.exporter.write_quantized(especs[k], e, obj, egrids[k])
                 else:
                     self.exporter.write_tensor(TensorSpec(especs[k].expert_name(e), "experts", especs[k].shape, i), obj)
+                del obj
             self.progress.expert_done(i, e)
+        if own or peers:
+            raise Llama4QuantError(f"layer {i}: experts {sorted(own) + sorted(peers)} reached rank 0 out of turn")
 
     # -- importance statistics (llama-imatrix's) ------------------------------------------------------------------
     @torch.no_grad()

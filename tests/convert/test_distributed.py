@@ -4,6 +4,7 @@ rank that dies leaves no artifact and one clear error."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -54,6 +55,21 @@ def test_two_ranks_write_the_single_process_artifact(request, tmp_path, fixture,
     assert '"ranks": 2' in r2.stdout  # rank 0 alone prints the summary
 
 
+def test_three_ranks_and_expert_chunks_write_the_single_process_artifact(tiny_mm, tmp_path):
+    # a Hessian budget of 3 experts (1114112 bytes each at hidden 128 / width 256): chunks [0, 1, 2] and [3], so
+    # in the second chunk ranks 1 and 2 own nothing and rank 0 writes alone
+    args = ("--scheme", "w4a16", "--group-size", "64", "--hessian-memory", "3.4MB")
+    r1 = _convert(tiny_mm, tmp_path / "one", *args)
+    assert r1.returncode == 0, r1.stderr
+    r3 = _convert(tiny_mm, tmp_path / "three", *args, ranks=3)
+    assert r3.returncode == 0, r3.stderr
+    assert list(_digests(tmp_path / "one").values()) == list(_digests(tmp_path / "three").values()) != []
+    # the manifest's per-tensor records too, in the same order (all but the timings)
+    one, three = (json.loads((tmp_path / d / "llama4-quant.json").read_text())["tensors"] for d in ("one", "three"))
+    strip = lambda rec: {k: v for k, v in rec.items() if k != "seconds"}  # noqa: E731
+    assert list(one) == list(three) and all(strip(one[k]) == strip(three[k]) for k in one)
+
+
 def test_a_dead_rank_leaves_no_artifact(tiny_mm, tmp_path):
     out = tmp_path / "dead"
     r = _convert(tiny_mm, out, "--scheme", "w4a16", "--group-size", "64", ranks=2,
@@ -66,3 +82,48 @@ def test_a_dead_rank_leaves_no_artifact(tiny_mm, tmp_path):
 def test_rtn_is_refused_under_torchrun(tiny_mm, tmp_path):
     r = _convert(tiny_mm, tmp_path / "o", "--scheme", "w4a16", "--group-size", "64", "--method", "rtn", ranks=2)
     assert r.returncode != 0 and "run it in one process" in r.stderr
+
+
+
+# -- memory per rank -------------------------------------------------------------------------------------------
+MEMWATCH = Path(__file__).parents[1] / "support" / "memwatch.py"
+
+
+def _peaks(model: Path, out: Path, ranks: int) -> dict[int, int]:
+    """{rank: peak anonymous RSS in bytes} of one GPTQ conversion of `model`, each rank watching itself
+    (tests/support/memwatch.py; the torchrun launcher is not counted)."""
+    from support.memwatch import peaks
+
+    cmd = ["convert", str(model), str(out), "--scheme", "w4a16", "--group-size", "128", "--calib",
+           str(model / "calib.txt"), "--calib-samples", "4", "--calib-seqlen", "64", "--min-expert-tokens", "1",
+           "--max-shard-size", "8MB", "--device", "cpu"]
+    if ranks == 1:
+        argv = [sys.executable, str(MEMWATCH), *cmd]
+    else:
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+                "--master-port", str(29500 + (os.getpid() + 7) % 1000), str(MEMWATCH), *cmd]
+    # glibc raises its mmap threshold (up to 32 MB) after freeing a large block, and then keeps freed blocks of
+    # this test's sizes (a 2048^2 Hessian is 16 MB) in the heap, resident: a fixed threshold returns them as
+    # Scout's (100+ MB each, always mmapped) are, so the peak counts what is held, not what glibc kept
+    env = _env(MKL_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="262144")
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    got = {k: kb * 1024 for k, kb in peaks(r.stderr).items()}
+    assert sorted(got) == list(range(ranks)), r.stderr[-2000:]
+    print(f"{ranks} rank(s): peak RssAnon", {k: f"{v >> 20} MiB" for k, v in sorted(got.items())})
+    return got
+
+
+def test_each_rank_peaks_below_one_process(model_factory, tmp_path):
+    # expert-heavy: 2 MoE layers of 16 experts 512 x 2048; while a layer's statistics pass runs, one process holds
+    # every expert's Hessians (512^2 + 2048^2 fp32), bf16 weights and fp32 gate/up copies (~32 MB an expert,
+    # ~500 MB), far more than attention, shared expert and activations; each of 2 ranks holds its 8
+    H, I, E = 512, 2048, 16
+    model = model_factory(tmp_path / "m", layers=2, hidden=H, inter=I, experts=E, max_shard_bytes=16 << 20)
+    one = _peaks(model, tmp_path / "one", 1)[0]
+    two = _peaks(model, tmp_path / "two", 2)
+    expert = (H * H + I * I) * 4 + 3 * H * I * 2 + 2 * H * I * 4
+    saved = (E - E // 2) * expert  # what a rank of 2 does not hold (~248 MiB; measured ~180 MiB lower)
+    for rank, peak in two.items():
+        assert peak < one - saved / 2, (rank, peak >> 20, one >> 20, saved >> 20)
+    assert list(_digests(tmp_path / "one").values()) == list(_digests(tmp_path / "two").values())
