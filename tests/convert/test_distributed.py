@@ -66,7 +66,7 @@ def test_three_ranks_and_expert_chunks_write_the_single_process_artifact(tiny_mm
     assert list(_digests(tmp_path / "one").values()) == list(_digests(tmp_path / "three").values()) != []
     # the manifest's per-tensor records too, in the same order (all but the timings)
     one, three = (json.loads((tmp_path / d / "llama4-quant.json").read_text())["tensors"] for d in ("one", "three"))
-    strip = lambda rec: {k: v for k, v in rec.items() if k != "seconds"}  # noqa: E731
+    strip = lambda rec: {k: v for k, v in rec.items() if k != "seconds"}
     assert list(one) == list(three) and all(strip(one[k]) == strip(three[k]) for k in one)
 
 
