@@ -34,8 +34,8 @@ def _err_pass(x, w, lf, a, m, err, t, mad):
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
-def qkx_kernel(xg, wg, nmax, rmin, rdelta, nstep, v3, mad, scale_out, min_out, L_out):
-    n, B = xg.shape
+def qkx_kernel(xg, wg, nmax, rmin, rdelta, nstep, v3, mad, rms_weights, scale_out, min_out, L_out):
+    B, n = xg.shape
     f0 = np.float32(0.0)
     f1 = np.float32(1.0)
     magic = np.float32(12582912.0)
@@ -56,8 +56,22 @@ def qkx_kernel(xg, wg, nmax, rmin, rdelta, nstep, v3, mad, scale_out, min_out, L
         t = min(T, B - b0)
         for i in range(n):
             for j in range(t):
-                x[i, j] = xg[i, b0 + j]
-                w[i, j] = wg[i, b0 + j]
+                x[i, j] = xg[b0 + j, i]
+        if rms_weights:  # the reference Q4_K/Q5_K weights: sqrt(mean x^2 of the block) + |x|
+            for j in range(t):
+                sx[j] = x[0, j] * x[0, j]
+            for i in range(1, n):
+                for j in range(t):
+                    sx[j] += x[i, j] * x[i, j]
+            for j in range(t):
+                sx[j] = np.sqrt(sx[j] / np.float32(n))
+            for i in range(n):
+                for j in range(t):
+                    w[i, j] = sx[j] + abs(x[i, j])
+        else:
+            for i in range(n):
+                for j in range(t):
+                    w[i, j] = wg[b0 + j, i]
         for j in range(t):
             mn[j] = x[0, j]; mx[j] = x[0, j]
             sw[j] = w[0, j]; sx[j] = w[0, j] * x[0, j]
@@ -129,9 +143,9 @@ def qkx_kernel(xg, wg, nmax, rmin, rdelta, nstep, v3, mad, scale_out, min_out, L
                     if v > fnmax:
                         v = fnmax
                     v = (v + magic) - magic
-                    L_out[i, b0 + j] = np.uint8(v)
+                    L_out[b0 + j, i] = np.uint8(v)
                 else:
-                    L_out[i, b0 + j] = 0
+                    L_out[b0 + j, i] = 0
         for j in range(t):
             scale_out[b0 + j] = scale[j] if live[j] else f0
             min_out[b0 + j] = -mn[j]
@@ -153,7 +167,7 @@ def _qx_sums(x, w, wx, iscale, lo, hi, slx, sl2, t):
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
 def qx_kernel(xg, wg, nmax, scale_out, L_out):
-    n, B = xg.shape
+    B, n = xg.shape
     f0 = np.float32(0.0)
     eps = np.float32(1e-15)
     magic = np.float32(12582912.0)
@@ -180,8 +194,8 @@ def qx_kernel(xg, wg, nmax, scale_out, L_out):
             mx[j] = f0
         for i in range(n):
             for j in range(t):
-                xv = xg[i, b0 + j]
-                wv = wg[i, b0 + j]
+                xv = xg[b0 + j, i]
+                wv = wg[b0 + j, i]
                 x[i, j] = xv
                 w[i, j] = wv
                 wx[i, j] = wv * xv
@@ -213,10 +227,37 @@ def qx_kernel(xg, wg, nmax, scale_out, L_out):
         for i in range(n):
             for j in range(t):
                 if amax[j] < eps:
-                    L_out[i, b0 + j] = 0
+                    L_out[b0 + j, i] = 0
                 else:
                     v = min(max(x[i, j] * bi[j], lo), hi)
                     v = (v + magic) - magic
-                    L_out[i, b0 + j] = np.uint8(np.int32(v) + nmax)
+                    L_out[b0 + j, i] = np.uint8(np.int32(v) + nmax)
         for j in range(t):
             scale_out[b0 + j] = f0 if amax[j] < eps else scale[j]
+
+
+@nb.njit(nogil=True, cache=True, error_model="numpy")
+def requant_kernel(x, d, dm, searched, lo, hi, offset, out):
+    """The k-quants' final rounding on the stored grid: ``clamp(nearest_int((x + dm) / d), lo, hi) + offset`` per
+    group of ``x`` [G, n] (block-major), the searched code where the group's scale ``d`` is 0. ``nearest_int`` is
+    llama.cpp's bit trick: round half to even below 2^22 in magnitude, its low mantissa bits beyond (and for
+    inf/NaN, which an overflowed fp16 scale gives)."""
+    G, n = x.shape
+    magic = np.float32(12582912.0)
+    big = np.float32(4194304.0)
+    bits = np.empty(1, np.float32)
+    ibits = bits.view(np.int32)
+    for g in range(G):
+        if d[g] == np.float32(0.0):
+            for i in range(n):
+                out[g, i] = searched[g, i]
+            continue
+        for i in range(n):
+            v = (x[g, i] + dm[g]) / d[g]
+            if abs(v) < big:
+                r = np.int32(((v + magic) - magic))
+            else:
+                bits[0] = v + magic
+                r = (ibits[0] & 0x7FFFFF) - 0x400000
+            r = min(max(r, lo), hi)
+            out[g, i] = np.uint8(r + offset)

@@ -68,49 +68,74 @@ def _round_clip(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def make_qkx_quants(
     x: np.ndarray,
-    w: np.ndarray,
+    w: np.ndarray | None,
     nmax: int,
     rmin: float,
     rdelta: float,
     nstep: int,
     v3: bool,
     mad: bool = False,
+    *,
+    block_major: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Weighted affine fit ``x ~ scale*L - the_min``, L in [0, nmax], per block of ``x`` (shape (n, B)).
+    """Weighted affine fit ``x ~ scale*L - the_min``, L in [0, nmax], per block of ``x`` (shape (n, B), or (B, n)
+    with ``block_major``; ``L`` comes back in the same layout).
 
     ``v3=False`` is ``make_qkx2_quants`` (used by the reference Q4_K/Q5_K quantizers),
     ``v3=True`` is ``make_qkx3_quants`` (the imatrix path); squared error, or absolute error with ``mad=True``
-    (``use_mad``: the reference Q2_K quantizer). The candidate codes are clamped before rounding, which equals
-    C's round-then-clamp wherever C's ``nearest_int`` is defined (|v| < 2^22; qkx3 clamps first too).
-    Returns ``(scale[B], the_min[B], L[n, B] uint8)``.
+    (``use_mad``: the reference Q2_K quantizer). ``w=None``: the reference Q4_K/Q5_K weights
+    ``sqrt(mean(x^2)) + |x|`` per block, computed in the loop. The candidate codes are clamped before rounding,
+    which equals C's round-then-clamp wherever C's ``nearest_int`` is defined (|v| < 2^22; qkx3 clamps first
+    too). Returns ``(scale[B], the_min[B], L uint8)``.
     """
-    x = np.ascontiguousarray(x, dtype=F32)
-    w = np.ascontiguousarray(w, dtype=F32)
-    n, nb = x.shape
-    scale = np.empty(nb, dtype=F32)
-    the_min = np.empty(nb, dtype=F32)
-    L = np.empty((n, nb), dtype=np.uint8)
     from .kernels import qkx_kernel
 
-    qkx_kernel(x, w, int(nmax), F32(rmin), F32(rdelta), int(nstep), bool(v3), bool(mad), scale, the_min, L)
+    x = np.asarray(x, dtype=F32)
+    xb = x if block_major else x.T
+    nb, n = xb.shape
+    wb = np.zeros((1, 1), F32) if w is None else np.asarray(w, dtype=F32)
+    wb = wb if block_major or w is None else wb.T
+    scale = np.empty(nb, dtype=F32)
+    the_min = np.empty(nb, dtype=F32)
+    L = np.empty((nb, n) if block_major else (n, nb), dtype=np.uint8)
+    qkx_kernel(xb, wb, int(nmax), F32(rmin), F32(rdelta), int(nstep), bool(v3), bool(mad), w is None, scale,
+               the_min, L if block_major else L.T)
     return scale, the_min, L
 
 
-def make_qx_quants(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric fit ``x ~ scale*l``, l in [-nmax, nmax-1], ``make_qx_quants(..., rmse_type=1, qw)``.
+def make_qx_quants(x: np.ndarray, qw: np.ndarray | None, nmax: int, *, block_major: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric fit ``x ~ scale*l``, l in [-nmax, nmax-1], ``make_qx_quants(..., rmse_type=1, qw)``, per block
+    of ``x`` ((n, B), or (B, n) with ``block_major``; ``L`` in the same layout).
 
-    Weights are ``qw`` when given, else ``x*x``. Returns ``(scale[B], L[n, B] uint8)`` with
+    Weights are ``qw`` when given, else ``x*x``. Returns ``(scale[B], L uint8)`` with
     ``L = l + nmax`` (and L = 0 for an all-zero block, as the C code leaves it).
     """
-    x = np.ascontiguousarray(x, dtype=F32)
-    w = x * x if qw is None else np.ascontiguousarray(qw, dtype=F32)
-    n, nb = x.shape
-    scale = np.empty(nb, dtype=F32)
-    L = np.empty((n, nb), dtype=np.uint8)
     from .kernels import qx_kernel
 
-    qx_kernel(x, w, int(nmax), scale, L)
+    x = np.asarray(x, dtype=F32)
+    w = x * x if qw is None else np.asarray(qw, dtype=F32)
+    xb, wb = (x, w) if block_major else (x.T, w.T)
+    nb, n = xb.shape
+    scale = np.empty(nb, dtype=F32)
+    L = np.empty((nb, n) if block_major else (n, nb), dtype=np.uint8)
+    qx_kernel(xb, wb, int(nmax), scale, L if block_major else L.T)
     return scale, L
+
+
+def requantize(x: np.ndarray, d: np.ndarray, dm: np.ndarray | None, searched: np.ndarray, lo: int, hi: int,
+               offset: int) -> np.ndarray:
+    """Codes on the stored grid: ``clamp(nearest_int((x + dm) / d), lo, hi) + offset`` per group of ``x`` [G, n]
+    (block-major), the searched codes [G, n] where ``d`` is 0 (see kernels.requant_kernel)."""
+    from .kernels import requant_kernel
+
+    G, n = x.shape
+    out = np.empty((G, n), dtype=np.uint8)
+    d = np.ascontiguousarray(d, dtype=F32).reshape(G)
+    dm = np.zeros(G, F32) if dm is None else np.ascontiguousarray(dm, dtype=F32).reshape(G)
+    requant_kernel(np.ascontiguousarray(x, dtype=F32), d, dm, np.ascontiguousarray(searched, dtype=np.uint8),
+                   int(lo), int(hi), int(offset), out)
+    return out
 
 
 def make_qp_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:

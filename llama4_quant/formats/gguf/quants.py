@@ -296,14 +296,12 @@ def _search_affine_k(x: np.ndarray, qw: np.ndarray | None, qtype: QT) -> tuple[A
     """Q4_K/Q5_K for ``x[s, 256]`` super-blocks. Returns (d16, dmin16, sc, m, stored codes[s, 256])."""
     nmax = _info(qtype).qmax
     s = x.shape[0]
-    xt = np.ascontiguousarray(x.reshape(s * 8, 32).T)
-    if qw is None:
-        av_x = np.sqrt(kq.seq_sum(xt * xt) / F32(32))
-        w = av_x + np.abs(xt)
+    xb = x.reshape(s * 8, 32)
+    if qw is None:  # weights sqrt(mean x^2) + |x|, computed in the search loop
         if qtype == QT.Q4_K:
-            scales, mins, L = kq.make_qkx_quants(xt, w, nmax, -1.0, 0.1, 20, v3=False)
+            scales, mins, L = kq.make_qkx_quants(xb, None, nmax, -1.0, 0.1, 20, v3=False, block_major=True)
         else:
-            scales, mins, L = kq.make_qkx_quants(xt, w, nmax, -0.5, 0.1, 15, v3=False)
+            scales, mins, L = kq.make_qkx_quants(xb, None, nmax, -0.5, 0.1, 15, v3=False, block_major=True)
         scales = scales.reshape(s, 8)
         mins = mins.reshape(s, 8)
         max_scale = np.maximum(scales.max(axis=1), F32(0))
@@ -316,11 +314,13 @@ def _search_affine_k(x: np.ndarray, qw: np.ndarray | None, qtype: QT) -> tuple[A
         d16 = (max_scale / F32(63)).astype(np.float16)
         dmin16 = (max_min / F32(63)).astype(np.float16)
     else:
+        xt = np.ascontiguousarray(xb.T)
         sigma2 = F32(2) * kq.superblock_sum_x2(xt, 8) / F32(QK_K)
         qwt = np.ascontiguousarray(qw.reshape(s * 8, 32).T)
         w = qwt * np.sqrt(np.repeat(sigma2, 8)[None, :] + xt * xt)
         sw = kq.seq_sum(w)
         scales, mins, L = kq.make_qkx_quants(xt, w, nmax, -0.9, 0.05, 36, v3=True)
+        L = L.T
         swt = np.ascontiguousarray(sw.reshape(s, 8).T)
         d_block, ls_t = kq.make_qp_quants(np.ascontiguousarray(scales.reshape(s, 8).T), swt, 63)
         m_block, lm_t = kq.make_qp_quants(np.ascontiguousarray(mins.reshape(s, 8).T), swt, 63)
@@ -332,20 +332,15 @@ def _search_affine_k(x: np.ndarray, qw: np.ndarray | None, qtype: QT) -> tuple[A
     sc, m = _unpack_k_scales(_pack_k_scales(ls, lm))
     d = d16.astype(F32)[:, None] * sc.astype(F32)
     dm = dmin16.astype(F32)[:, None] * m.astype(F32)
-    x3 = x.reshape(s, 8, 32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lq = np.clip(kq.nearest_int((x3 + dm[..., None]) / d[..., None]), 0, nmax)
-    searched = L.T.reshape(s, 8, 32)
-    codes = np.where(d[..., None] != 0, lq, searched).astype(np.uint8).reshape(s, QK_K)
+    codes = kq.requantize(xb, d, dm, L, 0, nmax, 0).reshape(s, QK_K)
     return d16, dmin16, sc, m, codes
 
 
 def _search_q6_k(x: np.ndarray, qw: np.ndarray | None) -> tuple[Any, ...]:
     """Q6_K for ``x[s, 256]``. Returns (d16, int8 sc[s, 16], stored codes[s, 256] in 0..63)."""
     s = x.shape[0]
-    xt = np.ascontiguousarray(x.reshape(s * 16, 16).T)
-    qwt = None if qw is None else np.ascontiguousarray(qw.reshape(s * 16, 16).T)
-    scales, L = kq.make_qx_quants(xt, qwt, 32)
+    xb = x.reshape(s * 16, 16)
+    scales, L = kq.make_qx_quants(xb, None if qw is None else qw.reshape(s * 16, 16), 32, block_major=True)
     scales = scales.reshape(s, 16)
     imax = np.argmax(np.abs(scales), axis=1)
     max_scale = scales[np.arange(s), imax]
@@ -356,9 +351,7 @@ def _search_q6_k(x: np.ndarray, qw: np.ndarray | None) -> tuple[Any, ...]:
         sc = np.minimum(kq.nearest_int(iscale[:, None] * scales), 127).astype(np.int8)
         sc[zero] = 0
         d = d16.astype(F32)[:, None] * sc.astype(F32)
-        lq = np.clip(kq.nearest_int(x.reshape(s, 16, 16) / d[..., None]), -32, 31) + 32
-    searched = L.T.reshape(s, 16, 16)
-    codes = np.where(d[..., None] != 0, lq, searched).astype(np.uint8).reshape(s, QK_K)
+    codes = kq.requantize(xb, d, None, L, -32, 31, 32).reshape(s, QK_K)
     codes[zero] = 0
     return d16, sc, codes
 
