@@ -474,6 +474,8 @@ class Pipeline:
             raise Llama4QuantError(f"layer {i}: experts.gate/up/down must be all quantized or all kept")
         quantized = egrids["gate"] is not None
         chunk = expert_budget(cfg, opt.hessian_budget_bytes)
+        if self.ranks.active:  # whole rounds: each rank holds ceil(chunk / N) experts of a chunk, none idles
+            chunk = min(E, -(-chunk // self.ranks.world) * self.ranks.world)
         out = None
         if calibrate:
             out = ActivationStore(*store.shape, spill_bytes=opt.spill_bytes)

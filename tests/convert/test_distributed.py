@@ -55,17 +55,19 @@ def test_two_ranks_write_the_single_process_artifact(request, tmp_path, fixture,
     assert '"ranks": 2' in r2.stdout  # rank 0 alone prints the summary
 
 
-def test_three_ranks_and_expert_chunks_write_the_single_process_artifact(tiny_mm, tmp_path):
-    # a Hessian budget of 3 experts (1114112 bytes each at hidden 128 / width 256): chunks [0, 1, 2] and [3], so
-    # in the second chunk ranks 1 and 2 own nothing and rank 0 writes alone
+@pytest.mark.parametrize("ranks", [3, 2])
+def test_expert_chunks_write_the_single_process_artifact(tiny_mm, tmp_path, ranks):
+    # a Hessian budget of 3 experts (1114112 bytes each at hidden 128 / width 256): one process runs chunks
+    # [0, 1, 2] and [3]; 3 ranks the same (in the second, ranks 1 and 2 own nothing and rank 0 writes alone);
+    # 2 ranks round the chunk up to whole rounds, [0, 1, 2, 3]: other chunks, same bytes
     args = ("--scheme", "w4a16", "--group-size", "64", "--hessian-memory", "3.4MB")
     r1 = _convert(tiny_mm, tmp_path / "one", *args)
     assert r1.returncode == 0, r1.stderr
-    r3 = _convert(tiny_mm, tmp_path / "three", *args, ranks=3)
-    assert r3.returncode == 0, r3.stderr
-    assert list(_digests(tmp_path / "one").values()) == list(_digests(tmp_path / "three").values()) != []
+    rn = _convert(tiny_mm, tmp_path / "n", *args, ranks=ranks)
+    assert rn.returncode == 0, rn.stderr
+    assert list(_digests(tmp_path / "one").values()) == list(_digests(tmp_path / "n").values()) != []
     # the manifest's per-tensor records too, in the same order (all but the timings)
-    one, three = (json.loads((tmp_path / d / "llama4-quant.json").read_text())["tensors"] for d in ("one", "three"))
+    one, three = (json.loads((tmp_path / d / "llama4-quant.json").read_text())["tensors"] for d in ("one", "n"))
     strip = lambda rec: {k: v for k, v in rec.items() if k != "seconds"}
     assert list(one) == list(three) and all(strip(one[k]) == strip(three[k]) for k in one)
 
