@@ -11,9 +11,10 @@ N ranks under `torchrun --nproc-per-node N` (gloo on CPU), exactly the code `tor
 runs. The cores are shared fairly: `--threads T` for 1 rank, T / N threads for each of N ranks (OMP_NUM_THREADS
 and torch.set_num_threads).
 
-`--dense gptq` (the default, like convert) also quantizes attention and the shared expert, which every rank
-computes identically; `--dense keep` leaves them in bf16 (their forward still runs), to time the routed experts
-alone. Per rank: wall seconds of the MoE layer, seconds inside GPTQ for its own experts and for the dense parts,
+`--dense gptq` (the default, convert's default targets) also quantizes the shared expert, which every rank computes
+identically (attention stays bf16, as in convert); `--dense keep` leaves it in bf16 too (its forward still runs),
+to time the routed experts alone.
+Per rank: wall seconds of the MoE layer, seconds inside GPTQ for its own experts and for the dense parts,
 seconds waiting in collectives (gathers, point-to-point transfers, the output sums; waiting for a slower peer
 counts here), and peak anonymous RSS of the process (RssAnon sampled every 2 ms, as tests/support/memwatch.py
 does). Prints a table and the scaling, writes the JSON (`--json`, default bench-distributed.json).
@@ -102,7 +103,7 @@ def worker(args) -> None:
             return self._timed("recv", shape, dtype, src, device)
 
     ranks = TimedRanks(base.rank, base.world, base.comm_device)
-    roles = ("experts",) if args.dense == "keep" else ("experts", "shared", "attn")
+    roles = ("experts",) if args.dense == "keep" else ("experts", "shared", "mlp")  # convert's default targets
 
     class Exporter(NullExporter):
         def grid_for(self, spec):
@@ -154,11 +155,11 @@ def worker(args) -> None:
     Path(args.result_dir, f"rank{ranks.rank}.json").write_text(json.dumps(result))
 
 
-def run_config(args, n: int) -> list[dict]:
-    threads = max(1, args.threads // n)
+def run_config(args, n: int, threads: int) -> list[dict]:
     out = Path(tempfile.mkdtemp(prefix=f"bench-dist-{n}-"))
     opts = ["--worker", "--experts", str(args.experts), "--tokens", str(args.tokens), "--threads", str(threads),
-            "--batch-size", str(args.batch_size), "--hidden", str(args.hidden), "--width", str(args.width), "--dense", args.dense, "--result-dir", str(out)]
+            "--batch-size", str(args.batch_size), "--hidden", str(args.hidden), "--width", str(args.width),
+            "--dense", args.dense, "--result-dir", str(out)]
     if n == 1:
         cmd = [sys.executable, __file__, *opts]
     else:
@@ -191,9 +192,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--experts", type=int, default=16, help="routed experts in the layer (Scout has 16)")
     ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads in all (split across ranks)")
-    ap.add_argument("--ranks", default="1,2", help="comma list of rank counts to run")
+    ap.add_argument("--ranks", default="1,2", help="comma list of rank counts to run, --threads split across ranks")
+    ap.add_argument("--configs", help="instead of --ranks: comma list of RANKSxTHREADS (threads per rank), e.g. "
+                    "1x2,2x1,1x1")
     ap.add_argument("--dense", choices=["gptq", "keep"], default="gptq",
-                    help="quantize attention and the shared expert too (gptq) or keep them in bf16")
+                    help="quantize the shared expert too (gptq, as convert does) or keep it in bf16")
     ap.add_argument("--hidden", type=int, default=5120, help="hidden size (Scout's by default)")
     ap.add_argument("--width", type=int, default=8192, help="expert width (Scout's by default)")
     ap.add_argument("--batch-size", type=int, default=4)
@@ -205,36 +208,41 @@ def main(argv=None) -> dict:
     if args.worker:
         return worker(args)
 
-    counts = [int(x) for x in args.ranks.split(",")]
+    if args.configs:
+        plan = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
+    else:
+        plan = [(n, max(1, args.threads // n)) for n in (int(x) for x in args.ranks.split(","))]
     load = os.getloadavg()
     print(f"MoE layer: hidden {args.hidden}, experts {args.width} wide, {args.experts} experts, {args.tokens} tokens, "
-          f"GPTQ w4a16, dense parts {args.dense}; {args.threads} threads in all; "
+          f"GPTQ w4a16, dense parts {args.dense}; "
           f"load average before {load[0]:.1f}", flush=True)
     configs = {}
-    for n in counts:
-        print(f"{n} rank(s) x {max(1, args.threads // n)} thread(s) ...", flush=True)
-        configs[n] = run_config(args, n)
+    for n, t in plan:
+        print(f"{n} rank(s) x {t} thread(s) ...", flush=True)
+        configs[f"{n}x{t}"] = run_config(args, n, t)
     hdr = (f"{'ranks':>5s} {'rank':>4s} {'thr':>3s} {'experts':>9s} {'layer s':>8s} {'gptq exp s':>10s} "
            f"{'gptq dense s':>12s} {'wait s':>7s} {'peak RssAnon':>12s}")
     print(hdr)
-    for n, rows in configs.items():
+    for key, rows in configs.items():
+        n = len(rows)
         for r in rows:
             own = ",".join(map(str, r["experts_owned"])) if len(r["experts_owned"]) <= 4 else f"{len(r['experts_owned'])}"
             print(f"{n:5d} {r['rank']:4d} {r['threads']:3d} {own:>9s} {r['layer_seconds']:8.1f} "
                   f"{r['gptq_experts_seconds']:10.1f} {r['gptq_dense_seconds']:12.1f} {r['wait_seconds']:7.1f} "
                   f"{r['peak_rss_anon'] / 2**30:9.2f} GiB")
     summary = {}
-    if 1 in configs:
-        one = configs[1][0]
-        for n, rows in configs.items():
-            layer = max(r["layer_seconds"] for r in rows)
+    ones = [k for k, rows in configs.items() if len(rows) == 1]
+    if ones:
+        one = configs[ones[0]][0]  # the first 1-rank configuration is the reference
+        for key, rows in configs.items():
+            n, layer = len(rows), max(r["layer_seconds"] for r in rows)
             peak = max(r["peak_rss_anon"] for r in rows)
-            summary[n] = {"layer_seconds": layer, "speedup": one["layer_seconds"] / layer,
-                          "efficiency": one["layer_seconds"] / layer / n, "max_rank_peak_rss_anon": peak,
-                          "peak_vs_one": peak / one["peak_rss_anon"]}
-            print(f"{n} rank(s): {layer:.1f} s per MoE layer, {summary[n]['speedup']:.2f}x one rank "
-                  f"({100 * summary[n]['efficiency']:.0f}% efficiency); largest rank peak "
-                  f"{peak / 2**30:.2f} GiB = {100 * summary[n]['peak_vs_one']:.0f}% of one rank's")
+            summary[key] = s = {"ranks": n, "threads_per_rank": rows[0]["threads"], "layer_seconds": layer,
+                                "speedup": one["layer_seconds"] / layer, "max_rank_peak_rss_anon": peak,
+                                "peak_vs_one": peak / one["peak_rss_anon"], "reference": ones[0]}
+            print(f"{n} rank(s) x {s['threads_per_rank']} thread(s): {layer:.1f} s per MoE layer, "
+                  f"{s['speedup']:.2f}x {ones[0]}; largest rank peak {peak / 2**30:.2f} GiB = "
+                  f"{100 * s['peak_vs_one']:.0f}% of {ones[0]}'s")
     b = scout_bytes()
     dense = b["shared_expert"] + b["attention"] + b["router"]
     print(f"real Scout MoE layer (bf16): routed experts {b['routed_experts'] / 1e9:.2f} GB, shared expert "
@@ -248,8 +256,7 @@ def main(argv=None) -> dict:
     report = {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "result_dir")},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_before": load,
                           "load_after": os.getloadavg()},
-              "commit": commit, "configs": {str(n): rows for n, rows in configs.items()},
-              "summary": {str(n): s for n, s in summary.items()}, "scout_layer_bf16_bytes": b}
+              "commit": commit, "configs": configs, "summary": summary, "scout_layer_bf16_bytes": b}
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")
     return report
