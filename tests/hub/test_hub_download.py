@@ -416,7 +416,7 @@ def test_ctrl_c_then_rerun_resumes(big_files, tmp_path):
                 time.sleep(0.05)
             assert on_disk(out) == finished
             p.send_signal(signal.SIGINT)
-            time.sleep(0.2)
+            time.sleep(1.0)  # let the main thread take the signal first, even on a loaded machine (0.2 s failed once)
             h.release.set()  # data flows again: the worker sees the cancellation at its next chunk
             _, err = p.communicate(timeout=30)
         finally:
