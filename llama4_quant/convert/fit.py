@@ -200,14 +200,20 @@ def save_plan(plan: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def load_plan(path: str | Path, cfg: Llama4Config) -> dict[str, str]:
-    """Types per tensor from a saved plan, checked against this model's tensors."""
+def _read_plan(path: str | Path) -> dict:
+    """A saved plan file's JSON, after checking it is one of ours in this version."""
     try:
         plan = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise Llama4QuantError(f"{path}: not a plan file ({e})") from None
     if not isinstance(plan, dict) or plan.get("version") != PLAN_VERSION or not isinstance(plan.get("tensors"), dict):
         raise Llama4QuantError(f"{path}: not a llama4-quant plan (version {PLAN_VERSION})")
+    return plan
+
+
+def load_plan(path: str | Path, cfg: Llama4Config) -> dict[str, str]:
+    """Types per tensor from a saved plan, checked against this model's tensors."""
+    plan = _read_plan(path)
     if plan.get("format", "gguf") != "gguf":
         raise Llama4QuantError(f"{path}: a plan for --to {plan.get('format')}, not --to gguf")
     specs = {s.name: s for s in tensor_specs(cfg)}
@@ -371,12 +377,7 @@ def make_st_plan(measured: dict, choice: dict[str, str], budget: Budget, *, grou
 def load_st_plan(path: str | Path, cfg: Llama4Config, specs, group_size: int | None) -> dict[str, str]:
     """Schemes per tensor from a saved safetensors plan, checked against this model, the Linears --targets/--ignore
     select (`specs`: the plan must cover exactly those), --group-size, and the one-scheme-per-unit rule."""
-    try:
-        plan = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Llama4QuantError(f"{path}: not a plan file ({e})") from None
-    if not isinstance(plan, dict) or plan.get("version") != PLAN_VERSION or not isinstance(plan.get("tensors"), dict):
-        raise Llama4QuantError(f"{path}: not a llama4-quant plan (version {PLAN_VERSION})")
+    plan = _read_plan(path)
     if plan.get("format", "gguf") != "safetensors":
         raise Llama4QuantError(f"{path}: a plan for --to {plan.get('format', 'gguf')} (GGML types), not --to safetensors")
     g = None if group_size in (None, -1) else group_size
