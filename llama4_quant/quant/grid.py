@@ -166,3 +166,57 @@ class IntGrid:
             zp = torch.cat([p.zero_point for p in params], dim=1).to(torch.int8)
         return QuantizedLinear(codes.to(torch.int8), scale, zp, self.scheme)
 
+    def refit_scales(self, target: torch.Tensor, q: torch.Tensor, params: Sequence[IntParams],
+                     hessian: torch.Tensor) -> tuple[list[IntParams], torch.Tensor, float]:
+        """For the codes of `q` (every group on `params`): the scales with the least Hessian loss against `target`
+        (see lsq_scales), those same codes dequantized on them, and their loss tr(dW H dW^T) / 2. GPTQ's refine
+        passes call this."""
+        new, loss = lsq_scales(target, q, list(params), hessian, self)
+        sl = group_slices(q.shape[1], self.group_size)
+        same = torch.cat([(self.codes(q[:, s], po) - (po.zero_point if po.zero_point is not None else 0)) * pn.scale
+                          for s, po, pn in zip(sl, params, new)], dim=1)
+        return new, same, loss
+
+
+def lsq_scales(w0: torch.Tensor, q: torch.Tensor, params: list[IntParams], h: torch.Tensor,
+               grid: IntGrid) -> tuple[list[IntParams], float]:
+    """Int grids: for the integer codes of `q` (each group on its params), the per-row group scales that minimise
+    the Hessian loss tr((W - Q S) H (W - Q S)^T) jointly over a row's groups (zero points kept): per row the
+    G x G normal equations A s = b with A_gk = q_g^T H_gk q_k, b_g = q_g^T (H w)_g, solved in float64 and rounded to
+    the scale dtype. A scale that comes out non-positive or non-finite keeps its old value. Also returns the loss
+    tr(dW H dW^T) / 2 of the codes on the returned scales (from the same normal equations, no extra product)."""
+    rows, cols = w0.shape
+    gs = grid.group_size or cols
+    sl = group_slices(cols, gs)
+    n_g = len(sl)
+    pad = n_g * gs - cols
+    # codes minus zero point: q = v * scale exactly, v integer
+    v = torch.cat([grid.codes(q[:, s], p) - (p.zero_point if p.zero_point is not None else 0) for s, p in
+                   zip(sl, params)], dim=1)
+    hh = torch.nn.functional.pad(h, (0, pad, 0, pad))
+    vp = torch.nn.functional.pad(v, (0, pad))
+    a = torch.empty(rows, n_g, n_g, dtype=torch.float64, device=w0.device)
+    for k in range(n_g):
+        nk = vp[:, k * gs:(k + 1) * gs] @ hh[k * gs:(k + 1) * gs, :]  # [rows, n_g * gs]
+        a[:, :, k] = (vp * nk).view(rows, n_g, gs).sum(-1).double()
+    wh = torch.nn.functional.pad(w0 @ h, (0, pad))
+    b = (vp * wh).view(rows, n_g, gs).sum(-1).double()
+    c = (torch.nn.functional.pad(w0, (0, pad)) * wh).sum(-1).double()  # w H w^T per row
+    old = torch.cat([p.scale for p in params], dim=1).double()
+    diag = a.diagonal(dim1=1, dim2=2)
+    live = diag > 0
+    eye = torch.eye(n_g, dtype=torch.float64, device=w0.device)
+    reg = eye * (1e-9 * diag.clamp(min=0).mean(-1, keepdim=True).unsqueeze(-1) + 1e-30)
+    # dead groups (all codes 0): an identity row keeps their old scale and the system solvable
+    a_solve = torch.where(live.unsqueeze(-1) & live.unsqueeze(-2), a, torch.zeros_like(a)) + torch.diag_embed(
+        (~live).double()) + reg
+    sol = torch.linalg.solve(a_solve, torch.where(live, b, old).unsqueeze(-1)).squeeze(-1)
+    ok = torch.isfinite(sol) & (sol > 0) & live
+    new = torch.where(ok, sol, old).float()
+    out = []
+    for g, p in enumerate(params):
+        scale = torch.where(ok[:, g:g + 1], round_scale(new[:, g:g + 1], grid.scale_dtype), p.scale)
+        out.append(IntParams(scale, p.zero_point))
+    st = torch.cat([p.scale for p in out], dim=1).double()
+    loss = torch.einsum("rg,rgk,rk->r", st, a, st) - 2 * (b * st).sum(-1) + c  # |codes * s - w|_H^2 per row
+    return out, float(loss.sum()) / 2

@@ -74,3 +74,40 @@ class ExpertHessians:
 
     def tokens_per_expert(self) -> list[int]:
         return [acc.n_tokens for acc in self.experts]
+
+
+class AsymmetricAccumulator(HessianAccumulator):
+    """GPTQ statistics for asymmetric calibration (GPTAQ, Li et al. 2025): the Linear's input in the quantized
+    model x_q (whose Hessian H = 2/n sum x_q x_q^T GPTQ uses) and, for the same tokens, its input in the
+    unquantized model x_fp. `cross` = 2/n sum (x_fp - x_q) x_q^T [in, in] turns GPTQ's target from W x_q into the
+    unquantized model's W x_fp: min ||Q x_q - W x_fp||^2 = min (Q - W*) H (Q - W*)^T + const with
+    W* = W (I + cross H^-1) (see quant/gptq.py, `asym`)."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, device)
+        self.cross = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def add_pair(self, x_q: torch.Tensor, x_fp: torch.Tensor) -> None:
+        """Inputs of the same tokens [..., in] in the quantized and in the unquantized model."""
+        if x_q.shape != x_fp.shape:
+            raise ValueError(f"paired inputs differ in shape: {tuple(x_q.shape)} vs {tuple(x_fp.shape)}")
+        xq = x_q.reshape(-1, self.in_features).to(device=self.hessian.device, dtype=torch.float32)
+        xf = x_fp.reshape(-1, self.in_features).to(device=self.hessian.device, dtype=torch.float32)
+        m = xq.shape[0]
+        if m == 0:
+            return
+        total = self.n_tokens + m
+        self.cross.mul_(self.n_tokens / total)
+        self.cross.addmm_((xf - xq).t(), xq, alpha=2.0 / total)
+        self.add(xq)
+
+    @torch.no_grad()
+    def merge(self, other: "HessianAccumulator") -> None:
+        if not isinstance(other, AsymmetricAccumulator):
+            raise TypeError("cannot merge a symmetric accumulator into an asymmetric one")
+        if other.n_tokens:
+            total = self.n_tokens + other.n_tokens
+            self.cross.mul_(self.n_tokens / total)
+            self.cross.add_(other.cross.to(self.cross.device), alpha=other.n_tokens / total)
+        super().merge(other)
