@@ -219,3 +219,16 @@ def test_output_metric_shapes_the_error_away_from_the_metric_directions(seed: in
     assert _loss(w, shaped.weight, held) < 1.2 * _loss(w, base.weight, held)
     assert torch.equal(shaped.finalize(grid).dequantize(), shaped.weight)
     assert shaped.record.method == "gptq"
+
+
+@pytest.mark.parametrize("group", [128, None])
+def test_int8_keeps_min_max_scales_and_one_pass(group: int | None) -> None:
+    """At 8 bits the search and the refine round lost on the shipped model (their RTN proxy clips what GPTQ's
+    compensation does not need): int8 GPTQ is the pre-#12 one, to the bit."""
+    w, h, _, n = _problem(8)
+    grid = IntGrid(IntScheme(8, True, group))
+    new = gptq(w, h, grid, GPTQConfig(act_order=True), n)
+    old = gptq(w, h, grid, OLD, n)
+    assert torch.equal(new.weight, old.weight) and new.record.reason == old.record.reason
+    four = gptq(w, h, IntGrid(IntScheme(4, True, group)), GPTQConfig(act_order=True), n)
+    assert "passes" in four.record.reason  # ... while 4-bit grids get the refine round
