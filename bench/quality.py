@@ -136,11 +136,13 @@ def parse_override(text: str) -> tuple[str, object]:
     default = getattr(GPTQConfig(), key)
     if isinstance(default, bool):
         return key, val.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
-        return key, int(val)
-    if isinstance(default, float):
-        return key, float(val)
-    return key, val
+    if isinstance(default, (int, float)) or default is None:
+        for kind in (int, float):
+            try:
+                return key, kind(val)
+            except ValueError:
+                pass
+    return key, None if val.lower() == "none" else val
 
 
 @contextlib.contextmanager
@@ -174,7 +176,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--calib-seqlen", type=int, default=2048)
     ap.add_argument("--imatrix-ctx", type=int, default=512)
     ap.add_argument("--ctx", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
+    ap.add_argument("--extra-test", type=int, default=0, metavar="N",
+                    help="also score on N more test splits of the corpus generator (the `KLD ext` column)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for torch, llm-compressor and llama.cpp (1: on shared cores more threads than free "
+                         "cores make torch's OpenMP spin: 50x slower)")
     ap.add_argument("--only", default="", help="comma-separated substrings of row names to run")
     ap.add_argument("--gptq", action="append", default=[], metavar="KEY=VALUE", help="GPTQConfig override (candidate)")
     ap.add_argument("--convert", action="append", default=[], metavar="KEY=VALUE",
@@ -182,8 +188,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tag", default="", help="suffix for the candidate's rows")
     ap.add_argument("--no-peers", action="store_true", help="skip llm-compressor and llama.cpp")
     ap.add_argument("--fresh", action="store_true", help="rebuild cached artifacts")
+    ap.add_argument("--rescore", action="store_true",
+                    help="also score every artifact quality.json lists (earlier candidates), all on the same chunks")
     ap.add_argument("--llmc-venv", default=str(LLMC_VENV))
     args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from support import llamacpp as L
     from support.convert import convert
@@ -220,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     want = lambda key: not only or any(s in key for s in only)
     paths: dict[str, Path] = {}
     seconds: dict[str, float | None] = {}
+    cands_of: dict[str, dict] = {}  # --rescore: the candidate a row of an earlier run was
     notes: dict[str, str] = {}
 
     cal = {"calib": str(out / "calib.txt"), "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen}
@@ -229,8 +241,9 @@ def main(argv: list[str] | None = None) -> dict:
         key = key + (tag if gptq_row else "")
         if not want(key):
             return
-        slug = fname + ("-" + (args.tag or "-".join(cand)).replace("=", "").replace(" ", "")
-                        if gptq_row and (cand or args.tag) else "")
+        stem, ext = (fname[:-5], ".gguf") if fname.endswith(".gguf") else (fname, "")
+        slug = stem + ("-" + (args.tag or "-".join(cand)).replace("=", "").replace(" ", "")
+                       if gptq_row and (cand or args.tag) else "") + ext
         path = out / slug
         if path.exists() and cached_ok and not args.fresh and (out / f"{slug}.seconds").exists():
             paths[key], seconds[key] = path, float((out / f"{slug}.seconds").read_text())
@@ -275,10 +288,11 @@ def main(argv: list[str] | None = None) -> dict:
                 if path.exists():
                     shutil.rmtree(path)
                 env = dict(os.environ, PYTHONPATH="", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+                           OMP_NUM_THREADS=str(args.threads),
                            TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
                 t0 = time.perf_counter()
                 proc = subprocess.run([str(py), str(script), str(model), str(tokens_json), str(path), scheme,
-                                       json.dumps(LLMC_IGNORE)], env=env, capture_output=True, text=True)
+                                       json.dumps(LLMC_IGNORE)], env=env, capture_output=True, text=True, check=False)
                 if proc.returncode != 0:
                     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
                     raise SystemExit(f"{key}: llm-compressor failed:\n{tail}")
@@ -312,25 +326,52 @@ def main(argv: list[str] | None = None) -> dict:
                     L.run_quantize(bf16, f, "Q4_K_M", threads=args.threads, llama=lc)
                 paths["llama.cpp q4_k_m"], seconds["llama.cpp q4_k_m"] = f, None
 
-    # score everything on the same held-out chunks, in lockstep with the bf16 source
-    chunks = make_chunks(tok.encode(texts["test"]), args.ctx, None, tok.bos_id)
+    result_file = out / "quality.json"
+    prev = json.loads(result_file.read_text()) if result_file.exists() else {}
+    if args.rescore:
+        for k, r in prev.get("rows", {}).items():
+            if k not in paths and r.get("path") and Path(r["path"]).exists() and want(k):
+                paths[k], seconds[k] = Path(r["path"]), r.get("seconds")
+                if r.get("candidate"):
+                    cands_of[k] = r["candidate"]
+
+    # score everything on the same held-out chunks, in lockstep with the bf16 source: the demo test text first
+    # (the numbers of the table), then --extra-test more test splits of the corpus generator (other seeds: text the
+    # model never saw either), which only the `ext` columns use
+    from llama4_quant.tiny.corpus import corpus_splits
+
+    parts = [make_chunks(tok.encode(texts["test"]), args.ctx, None, tok.bos_id)]
+    parts += [make_chunks(tok.encode(corpus_splits(s)["test"]), args.ctx, None, tok.bos_id)
+              for s in range(1, args.extra_test + 1)]
+    n_main = int(parts[0].shape[0])
+    chunks = torch.cat(parts)
     keys = list(paths)
     print(f"scoring {len(keys)} rows on {chunks.shape[0]} chunks of {args.ctx} tokens", flush=True)
     t0 = time.perf_counter()
     ref, cands = compare_models(src, [open_any(paths[k]) for k in keys], chunks, names=keys)
     print(f"scored in {time.perf_counter() - t0:.0f} s", flush=True)
+    ref_nll = torch.cat(ref.scores.nll[:n_main]).mean()
     rows = {}
     for k, c in zip(keys, cands):
-        s = c.summary(ref)
-        rows[k] = {"bytes": tensor_bytes(paths[k]), "kld_mean": s["kld_mean"], "kld_p99": s["kld_p99"], "ppl": s["perplexity"],
-                   "ppl_change_pct": s["ppl_increase_pct"], "top1": s["top1_agreement"], "seconds": seconds.get(k),
-                   "candidate": ({"gptq": overrides, "convert": copts} if cand and "gptq" in k and k.startswith("ours")
-                                 else None)}
-    result_file = out / "quality.json"
-    prev = json.loads(result_file.read_text()) if result_file.exists() else {}
+        kld = torch.cat(c.kld[:n_main]).double()
+        nll = torch.cat(c.scores.nll[:n_main]).mean()
+        rows[k] = {"bytes": tensor_bytes(paths[k]), "kld_mean": float(kld.mean()),
+                   "kld_p99": float(torch.quantile(kld, 0.99)), "ppl": float(nll.exp()),
+                   "ppl_change_pct": 100 * float((nll - ref_nll).exp() - 1),
+                   "top1": float(torch.cat(c.top1[:n_main]).double().mean()),
+                   "kld_mean_ext": float(torch.cat(c.kld).double().mean()) if args.extra_test else None,
+                   # each layer on the *reference* input (no routing flips, no accumulated error): relative error of
+                   # its output, over all scored chunks; a flip-free measure of the per-layer quantization error
+                   "layer_error": [round(x, 7) for x in c.layer_error],
+                   "seconds": seconds.get(k),
+                   "candidate": cands_of.get(k) or ({"gptq": overrides, "convert": copts}
+                                                    if cand and "gptq" in k and k.startswith("ours") else None),
+                   "path": str(paths[k]),
+                   "chunk_kld": [round(float(x.double().mean()), 9) for x in c.kld[:n_main]]}
     all_rows = {**prev.get("rows", {}), **rows}
-    result = {"model": str(model), "calib_tokens": list(calib_tokens.shape), "test_chunks": int(chunks.shape[0]),
-              "ctx": args.ctx, "source_ppl": ref.scores.perplexity, "versions": {**prev.get("versions", {}), **versions},
+    result = {"model": str(model), "calib_tokens": list(calib_tokens.shape), "test_chunks": n_main,
+              "extra_test_chunks": int(chunks.shape[0]) - n_main,
+              "ctx": args.ctx, "source_ppl": float(ref_nll.exp()), "versions": {**prev.get("versions", {}), **versions},
               "notes": {**prev.get("notes", {}), **notes}, "rows": all_rows}
     result["ratios"] = ratios(all_rows, tag)
     result_file.write_text(json.dumps(result, indent=2))
@@ -338,11 +379,26 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def bootstrap(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """5 % and 95 % quantiles of sum(a) / sum(b) over test chunks resampled with replacement (paired: both rows
+    scored the same chunks), i.e. how much of a ratio the choice of held-out text could move."""
+    import torch
+
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    idx = torch.randint(0, len(a), (n, len(a)), generator=torch.Generator().manual_seed(seed))
+    r = ta[idx].sum(1) / tb[idx].sum(1)
+    return float(torch.quantile(r, 0.05)), float(torch.quantile(r, 0.95))
+
+
 def ratios(rows: dict, tag: str = "") -> dict:
     def r(a: str, b: str):
         if a in rows and b in rows and rows[b]["kld_mean"] > 0:
             return rows[a]["kld_mean"] / rows[b]["kld_mean"]
         return None
+
+    def ci(a: str, b: str):
+        ca, cb = rows[a].get("chunk_kld"), rows[b].get("chunk_kld")
+        return bootstrap(ca, cb) if ca and cb and len(ca) == len(cb) else None
 
     out = {}
     for ours_key, peer, goal in (("ours w4a16 gptq", "llmc w4a16 gptq", 0.75),
@@ -352,27 +408,40 @@ def ratios(rows: dict, tag: str = "") -> dict:
         for k in sorted({ours_key, ours_key + tag} & set(rows)):
             v = r(k, peer)
             if v is not None:
-                out[f"{k} / {peer}"] = {"ratio": v, "goal": goal, "met": v <= goal}
+                out[f"{k} / {peer}"] = {"ratio": v, "ci90": ci(k, peer), "goal": goal, "met": v <= goal}
     for k in [k for k in rows if k.startswith("ours") and " gptq" in k]:
         base = k.replace(" gptq", " rtn").split(" [")[0]
         if base in rows:
             v = r(k, base)
-            out[f"{k} / {base}"] = {"ratio": v, "goal": 1.0, "met": v <= 1.0}
+            out[f"{k} / {base}"] = {"ratio": v, "ci90": ci(k, base), "goal": 1.0, "met": v <= 1.0}
     return out
 
 
-def print_table(result: dict, fresh: dict) -> None:
+BASE_ROWS = ("ours w4a16 gptq", "ours w4a16 rtn", "ours w8a16", "ours fp8", "ours q4_k_m", "llmc", "llama.cpp")
+
+
+def print_table(result: dict, fresh: dict, shown: bool = True) -> None:
+    """Every row of quality.json; `shown`: leave out candidate rows (`[...]`) of earlier runs."""
     print(f"\nsource ppl {result['source_ppl']:.4f}; calib {result['calib_tokens']}; {result['test_chunks']} test chunks "
           f"of {result['ctx']}")
-    print(f"{'row':44} {'bytes':>10} {'KLD':>9} {'KLD p99':>9} {'ppl':>8} {'+%':>7} {'top1':>7} {'s':>6}")
+    print(f"{'row':44} {'bytes':>10} {'KLD':>9} {'KLD p99':>9} {'ppl':>8} {'+%':>7} {'top1':>7} {'KLD ext':>9} "
+          f"{'layer err':>9} {'s':>6}")
     for k, r in result["rows"].items():
+        if shown and k not in fresh and ("[" in k or not any(k.startswith(b) for b in BASE_ROWS)):
+            continue
         mark = "" if k in fresh else " (earlier run)"
         sec = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        ext = "-" if r.get("kld_mean_ext") is None else f"{r['kld_mean_ext']:.6f}"
+        le = r.get("layer_error")
+        lerr = "-" if not le else f"{sum(le) / len(le):.5f}"
         print(f"{k:44} {r['bytes']:10d} {r['kld_mean']:9.6f} {r['kld_p99']:9.5f} {r['ppl']:8.4f} "
-              f"{r['ppl_change_pct']:7.3f} {r['top1']:7.4f} {sec:>6}{mark}")
+              f"{r['ppl_change_pct']:7.3f} {r['top1']:7.4f} {ext:>9} {lerr:>9} {sec:>6}{mark}")
     print()
     for k, v in result["ratios"].items():
-        print(f"{k:70} {v['ratio']:.3f} (goal <= {v['goal']}) {'met' if v['met'] else 'NOT met'}")
+        if shown and "[" in k and not any(k.startswith(f) for f in fresh):
+            continue
+        ci = f" [90% {v['ci90'][0]:.3f}-{v['ci90'][1]:.3f}]" if v.get("ci90") else ""
+        print(f"{k:70} {v['ratio']:.3f}{ci} (goal <= {v['goal']}) {'met' if v['met'] else 'NOT met'}")
 
 
 if __name__ == "__main__":
