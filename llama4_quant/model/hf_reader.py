@@ -164,7 +164,9 @@ class HFReader(CheckpointReader):
             return self._slab[1]
         fname = self.weight_map[hf_name]
         self._file_of(hf_name)  # checks the file holds the tensor
-        header, data_start = self._headers.setdefault(fname, safetensors_header(self.path / fname))
+        if fname not in self._headers:
+            self._headers[fname] = safetensors_header(self.path / fname)
+        header, data_start = self._headers[fname]
         info = header[hf_name]
         dtype = _PREAD_DTYPES.get(info["dtype"])
         shape = info["shape"]
