@@ -133,6 +133,19 @@ def _block_size(block: int, group: int, cols: int, static: bool) -> int:
     return math.gcd(group, block)  # each group starts on a block boundary
 
 
+@dataclass
+class GPTQJob:
+    """One Hessian and the weights that share it (all [out, in] of the same shape): a Linear, or the gate and up
+    projections of one expert (same input), or q/k/v of one attention. Each weight gets its own result, record and
+    RTN guard; the factorisation and the column loop are shared."""
+
+    weights: list[torch.Tensor]
+    hessian: torch.Tensor
+    n_tokens: int | None = None
+    asym: torch.Tensor | None = None  # see gptq()
+    out_metrics: list[torch.Tensor | None] | None = None  # per weight, see gptq()
+
+
 @torch.no_grad()
 def gptq(
     weight: torch.Tensor,
@@ -151,21 +164,84 @@ def gptq(
     W* = W (I + asym (H + damping)^-1) and every loss (the record's, the RTN guard's) is measured against W*.
     out_metric: [k, out] directions of the output whose error matters beyond its plain energy (for a Linear that
     writes the residual stream: the later routers' rows); used by the coordinate-descent sweeps (cd_sweeps).
-    Works on the device of `weight`; the Hessian is moved there.
+    Works on the device of `weight`; the Hessian is moved there. One job of gptq_batch.
     """
-    t0 = time.perf_counter()
-    w0 = weight.detach().to(torch.float32)
-    cols = w0.shape[1]
-    h0 = hessian.detach().to(device=w0.device, dtype=torch.float32)
-    if h0.shape != (cols, cols):
-        raise ValueError(f"Hessian {tuple(h0.shape)} does not match weight {tuple(w0.shape)}")
+    job = GPTQJob([weight], hessian, n_tokens, asym, None if out_metric is None else [out_metric])
+    return gptq_batch([job], grid, config)[0][0]
 
-    def fallback(reason: str, damp: float | None = None) -> QuantResult:
-        res = rtn(w0, grid, reason=reason)  # loss on the weights: H is empty or not trustworthy
-        res.record.damp = damp
-        res.record.n_tokens = n_tokens
-        res.record.seconds = time.perf_counter() - t0
-        return res
+
+class _Item:
+    """One weight of a job on its way through GPTQ."""
+
+    def __init__(self, w0: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, fitted_on: torch.Tensor, groups: int):
+        self.w0, self.w, self.ref, self.fitted_on = w0, w, ref, fitted_on
+        self.params: list[Any] = [None] * groups
+        self.static_fit: list[Any] = []
+        self.q: torch.Tensor | None = None
+        self.wt: torch.Tensor | None = None
+        self.loss = math.inf
+        self.passes: list[float] = []
+        self.done = False
+
+
+class _Prepared:
+    """A job's Hessian, factor and items, ready for the batched column loop."""
+
+    def __init__(self, **kw: Any):
+        self.__dict__.update(kw)
+
+
+@torch.no_grad()
+def gptq_batch(jobs: list[GPTQJob], grid: Grid, config: GPTQConfig = GPTQConfig()) -> list[list[QuantResult]]:
+    """GPTQ of several jobs at once: results[j][k] for weight k of job j.
+
+    The column loop runs once for all weights of all jobs of one shape (batched matrix products over the jobs'
+    own factors, one rounding call per column for every row of every weight), so a MoE layer's experts cost one
+    loop, not one per expert. Per weight, everything is what gptq() of that weight alone computes, up to float
+    rounding order. Jobs of other shapes, and act-order jobs (each has its own column order), get loops of their own.
+    """
+    results: list[list[QuantResult | None]] = [[None] * len(j.weights) for j in jobs]
+    ready: list[tuple[int, _Prepared]] = []
+    for ji, job in enumerate(jobs):
+        prep = _prepare(job, grid, config)
+        if isinstance(prep, list):
+            results[ji] = prep
+        else:
+            ready.append((ji, prep))
+    batches: dict[Any, list[tuple[int, _Prepared]]] = {}
+    for ji, prep in ready:
+        key = (ji,) if config.act_order else (prep.shape, len(prep.items), str(prep.device), prep.static, prep.bs)
+        batches.setdefault(key, []).append((ji, prep))
+    for batch in batches.values():
+        preps = [p for _, p in batch]
+        _run(preps, grid, config)
+        for ji, prep in batch:
+            results[ji] = _finish(prep, jobs[ji], grid, config)
+    return results  # type: ignore[return-value]
+
+
+def _prepare(job: GPTQJob, grid: Grid, config: GPTQConfig) -> _Prepared | list[QuantResult]:
+    t0 = time.perf_counter()
+    w0s = [w.detach().to(torch.float32) for w in job.weights]
+    shape = tuple(w0s[0].shape)
+    if any(tuple(w.shape) != shape for w in w0s):
+        raise ValueError("the weights of one GPTQ job must have the same shape")
+    cols = shape[1]
+    device = w0s[0].device
+    h0 = job.hessian.detach().to(device=device, dtype=torch.float32)
+    if h0.shape != (cols, cols):
+        raise ValueError(f"Hessian {tuple(h0.shape)} does not match weight {shape}")
+    n_tokens = job.n_tokens
+
+    def fallback(reason: str, damp: float | None = None) -> list[QuantResult]:
+        out = []
+        for w0 in w0s:
+            res = rtn(w0, grid, reason=reason)  # loss on the weights: H is empty or not trustworthy
+            res.record.damp = damp
+            res.record.n_tokens = n_tokens
+            res.record.seconds = (time.perf_counter() - t0) / len(w0s)
+            out.append(res)
+        return out
 
     diag0 = h0.diagonal()
     if n_tokens == 0 or not bool((diag0 != 0).any()):
@@ -174,11 +250,8 @@ def gptq(
         return fallback("non-finite Hessian")
 
     h = h0.clone()
-    w = w0.clone()
     dead = torch.nonzero(diag0 == 0).squeeze(1)
     h[dead, dead] = 1.0
-    if config.zero_dead_columns:
-        w[:, dead] = 0.0
     alpha = shrinkage(config.shrink, cols, n_tokens)
     if alpha > 0:
         diag = h.diagonal().clone()
@@ -194,11 +267,9 @@ def gptq(
         mode = "lsq" if can_lsq else "none"
     if mode == "lsq" and not can_lsq:
         mode = "none"
-    refine = config.refine if mode in ("lsq", "refit") else 0
     static = config.act_order or config.static_groups or group >= cols
-    fitted_on = w.clone() if config.zero_dead_columns and dead.numel() else w0  # what the static params saw
 
-    order = torch.arange(cols, device=w.device)
+    order = torch.arange(cols, device=device)
     if config.act_order:
         order = torch.argsort(h.diagonal(), descending=True)
     hp = h[order][:, order] if config.act_order else h
@@ -206,16 +277,10 @@ def gptq(
     if hinv is None:
         return fallback(f"Cholesky failed with damping up to {damp:g} of mean diag(H)", damp)
     del hp
-    ref = w0  # what every loss is measured against: W, or W* under asymmetric calibration
-    if asym is not None:
+    hd = None
+    if job.asym is not None:
         hd = h.clone()
         hd.diagonal().add_(damp * h.diagonal().mean())
-        ref = w0 + torch.linalg.solve(hd, (w0 @ asym.to(w0)).t()).t()
-        del hd
-        w = ref.clone()
-        if config.zero_dead_columns:
-            w[:, dead] = 0.0
-        fitted_on = w.clone()
 
     fit_grid = _search_grid(grid, config)
     imp_kind = config.fit_importance
@@ -224,66 +289,145 @@ def gptq(
     importance = None
     if config.use_importance:
         if imp_kind == "gptq":  # the weight GPTQ's loss gives a rounding error in each column
-            importance = torch.empty(cols, device=w.device)
+            importance = torch.empty(cols, device=device)
             importance[order] = hinv.diagonal().square().reciprocal()
         else:
             importance = h.diagonal().clone()
-    params: list[Any] = [None] * len(slices)
-    if static:
-        for g, s in enumerate(slices):
-            params[g] = fit_grid.fit(fitted_on[:, s], None if importance is None else importance[s])
-    static_fit = list(params)
 
-    bs = _block_size(config.block_size, group, cols, static)
-    q, wt, loss = _gptq_pass(w, hinv, fit_grid, params, importance, order, group, bs)
-    passes = [loss]  # losses against GPTQ's start weights w on its damped Hessian: what each pass minimises
-    hd = None
-    for _ in range(refine):
-        cands = []
-        if mode == "lsq":
-            if hd is None:
-                hd = h.clone()
-                hd.diagonal().add_(damp * h.diagonal().mean())
-            new_params, q_same_codes, same_loss = grid.refit_scales(w, q, params, hd)
-            cands.append((q_same_codes, None, new_params, same_loss))  # GPTQ's codes on the least-squares scales
-        else:
-            new_params = [fit_grid.fit(wt[:, s], None if importance is None else importance[s]) for s in slices]
-        q2, wt2, loss2 = _gptq_pass(w, hinv, fit_grid, new_params, importance, order, group, bs)
-        cands.append((q2, wt2, new_params, loss2))
-        improved = False
-        for qc, wc, pc, lc in cands:
-            if lc < loss:
-                improved = True
-                q, params, loss = qc, pc, lc
-                wt = wc if wc is not None else wt
-        passes.append(loss)
-        if not improved:
-            break
+    items = []
+    for w0 in w0s:
+        ref = w0  # what every loss is measured against: W, or W* under asymmetric calibration
+        if job.asym is not None:
+            ref = w0 + torch.linalg.solve(hd, (w0 @ job.asym.to(w0)).t()).t()
+        w = ref.clone()
+        if config.zero_dead_columns:
+            w[:, dead] = 0.0
+        fitted_on = w if (job.asym is not None or (config.zero_dead_columns and dead.numel())) else w0
+        item = _Item(w0, w, ref, fitted_on, len(slices))
+        if static:
+            item.params = [fit_grid.fit(fitted_on[:, s], None if importance is None else importance[s]) for s in slices]
+        item.static_fit = list(item.params)
+        items.append(item)
     del hd
-
-    moved = 0
-    sweeps = config.cd_sweeps if config.cd_sweeps is not None else (2 if out_metric is not None else 0)
-    if sweeps and isinstance(grid, IntGrid):
-        q, moved = coordinate_descent(ref, q, params, h, grid, sweeps, out_metric, config.metric_weight)
-    loss, kind = weight_loss(ref, q, h0)
-    reason = "act-order, static groups" if config.act_order else ""
-    if moved:
-        reason = (reason + "; " if reason else "") + f"{moved} codes moved by coordinate descent"
-    if len(passes) > 1:
-        reason = (reason + "; " if reason else "") + f"{len(passes)} passes (loss " + " -> ".join(
-            f"{x:.4g}" for x in passes) + ")"
-    record = QuantRecord(
-        "gptq", reason, damp, loss, kind,
-        dead_columns=int(dead.numel()), n_tokens=n_tokens, gptq_loss=loss, shrink=alpha or None,
+    return _Prepared(
+        t0=t0, h0=h0, h=h, diag0=diag0, dead=dead, alpha=alpha, hinv=hinv, damp=damp, group=group,
+        perm=order if config.act_order else None,
+        slices=slices, mode=mode, refine=config.refine if mode in ("lsq", "refit") else 0, static=static,
+        fit_grid=fit_grid, importance=importance, items=items, shape=shape, device=device, n_tokens=n_tokens,
+        bs=_block_size(config.block_size, group, cols, static), hd=None,
     )
-    result = QuantResult(q, params, record)
-    if config.rtn_guard:
-        grids = [static_fit] + ([params] if len(passes) > 1 and any(a is not b for a, b in zip(params, static_fit))
-                                else [])
-        result = _keep_better(result, w0, h0, grid, diag0 if config.use_importance else None,
-                              [(p, fitted_on) for p in grids] if static else None, None if asym is None else ref)
-    result.record.seconds = time.perf_counter() - t0
-    return result
+
+
+def _run(preps: list[_Prepared], grid: Grid, config: GPTQConfig) -> None:
+    """GPTQ's passes (the first and the refine rounds) for jobs of one shape, batched."""
+    p0 = preps[0]
+    items = [it for p in preps for it in p.items]
+    keep_wt = p0.mode == "refit"
+    _batched_pass(preps, [it.w for it in items], [it.params for it in items], p0.fit_grid, keep_wt, items)
+    for it in items:
+        it.passes = [it.loss]  # losses against GPTQ's start weights w on its damped Hessian: what each pass minimises
+    for _ in range(p0.refine):
+        live = [(p, it) for p in preps for it in p.items if not it.done]
+        if not live:
+            break
+        cands: dict[int, list] = {}
+        new_params: dict[int, list] = {}
+        for p, it in live:
+            cands[id(it)] = []
+            if p.mode == "lsq":
+                if p.hd is None:
+                    p.hd = p.h.clone()
+                    p.hd.diagonal().add_(p.damp * p.h.diagonal().mean())
+                np_, q_same, same_loss = grid.refit_scales(it.w, it.q, it.params, p.hd)
+                cands[id(it)].append((q_same, None, np_, same_loss))  # GPTQ's codes on the least-squares scales
+            else:
+                imp = p.importance
+                np_ = [p.fit_grid.fit(it.wt[:, s], None if imp is None else imp[s]) for s in p.slices]
+            new_params[id(it)] = np_
+        # the second pass for every live item: jobs with no live item drop out of the batch
+        sub_preps = [p for p in preps if any(not it.done for it in p.items)]
+        runs = []
+        for p in sub_preps:
+            for it in p.items:
+                runs.append(it)
+        shadow = [_Item(it.w0, it.w, it.ref, it.fitted_on, 0) for it in runs]
+        _batched_pass(sub_preps, [it.w for it in runs],
+                      [list(new_params[id(it)]) if id(it) in new_params else list(it.params) for it in runs],
+                      p0.fit_grid, keep_wt, shadow)
+        for it, sh in zip(runs, shadow):
+            if it.done:
+                continue
+            cands[id(it)].append((sh.q, sh.wt, new_params[id(it)], sh.loss))
+            improved = False
+            for qc, wc, pc, lc in cands[id(it)]:
+                if lc < it.loss:
+                    improved = True
+                    it.q, it.params, it.loss = qc, pc, lc
+                    it.wt = wc if wc is not None else it.wt
+            it.passes.append(it.loss)
+            if not improved:
+                it.done = True
+    for p in preps:
+        p.hd = None
+
+
+def _batched_pass(preps: list[_Prepared], ws: list[torch.Tensor], params: list[list[Any]], grid: Grid,
+                  keep_wt: bool, out: list[_Item]) -> None:
+    """One GPTQ sweep for the items of `preps` (weights `ws`, in order, grouped by job); sets q, wt and loss on
+    the `out` items. `params` entries that are None are fitted lazily and filled in."""
+    p0 = preps[0]
+    rows, cols = p0.shape
+    per_job = len(p0.items)
+    jobs = len(preps)
+    wT = torch.empty(jobs, cols, per_job * rows, device=p0.device)
+    for k, w in enumerate(ws):
+        j, s = divmod(k, per_job)
+        wT[j, :, s * rows:(s + 1) * rows] = w.t()
+    hinv = p0.hinv.unsqueeze(0) if jobs == 1 else torch.stack([p.hinv for p in preps])
+    qT, wtT, loss = _gptq_pass(wT, hinv, grid, params, [p.importance for p in preps], p0.perm, p0.group, p0.bs,
+                               rows, keep_wt)
+    del wT, hinv
+    for k, it in enumerate(out):
+        j, s = divmod(k, per_job)
+        sl = slice(s * rows, (s + 1) * rows)
+        it.q = qT[j, :, sl].t().contiguous()
+        it.wt = wtT[j, :, sl].t().contiguous() if wtT is not None else None
+        it.loss = float(loss[j, sl].sum())
+        it.params = params[k]
+
+
+def _finish(prep: _Prepared, job: GPTQJob, grid: Grid, config: GPTQConfig) -> list[QuantResult]:
+    """Coordinate descent, the record and the RTN guard of each of a job's weights."""
+    out = []
+    n = len(prep.items)
+    for k, it in enumerate(prep.items):
+        q, params = it.q, it.params
+        moved = 0
+        metric = job.out_metrics[k] if job.out_metrics else None
+        sweeps = config.cd_sweeps if config.cd_sweeps is not None else (2 if metric is not None else 0)
+        if sweeps and isinstance(grid, IntGrid):
+            q, moved = coordinate_descent(it.ref, q, params, prep.h, grid, sweeps, metric, config.metric_weight)
+        loss, kind = weight_loss(it.ref, q, prep.h0)
+        reason = "act-order, static groups" if config.act_order else ""
+        if moved:
+            reason = (reason + "; " if reason else "") + f"{moved} codes moved by coordinate descent"
+        if len(it.passes) > 1:
+            reason = (reason + "; " if reason else "") + f"{len(it.passes)} passes (loss " + " -> ".join(
+                f"{x:.4g}" for x in it.passes) + ")"
+        record = QuantRecord(
+            "gptq", reason, prep.damp, loss, kind,
+            dead_columns=int(prep.dead.numel()), n_tokens=prep.n_tokens, gptq_loss=loss, shrink=prep.alpha or None,
+        )
+        result = QuantResult(q, params, record)
+        if config.rtn_guard:
+            refined = len(it.passes) > 1 and any(a is not b for a, b in zip(params, it.static_fit))
+            grids = [it.static_fit] + ([params] if refined else [])
+            result = _keep_better(result, it.w0, prep.h0, grid, prep.diag0 if config.use_importance else None,
+                                  [(p, it.fitted_on) for p in grids] if prep.static else None,
+                                  None if job.asym is None else it.ref)
+        result.record.seconds = (time.perf_counter() - prep.t0) / n
+        out.append(result)
+    return out
 
 
 @torch.no_grad()
@@ -361,48 +505,92 @@ def _search_grid(grid: Grid, config: GPTQConfig) -> Grid:
     return grid
 
 
-def _gptq_pass(w: torch.Tensor, hinv: torch.Tensor, grid: Grid, params: list[Any], importance: torch.Tensor | None,
-               order: torch.Tensor, group: int, bs: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One GPTQ sweep over the columns of `w` (natural order) in `order`, against the inverse Cholesky factor
-    `hinv` of the (permuted) Hessian. `params` entries that are None are fitted lazily (natural order only) and
-    filled in. Returns (q, the weights each column had when it was rounded, both in natural column order, and the
-    pass's loss tr((W - Q) Hd (W - Q)^T) / 2 for the damped Hessian Hd whose factor `hinv` is: sum_j err_j^2 /
-    (2 U_jj^2), accumulated on the way)."""
-    cols = w.shape[1]
-    permuted = not bool(torch.equal(order, torch.arange(cols, device=order.device)))
-    w = w[:, order] if permuted else w.clone()
-    columns = order.tolist()
-    q = torch.zeros_like(w)
-    wt = torch.zeros_like(w)
-    loss = torch.zeros((), dtype=torch.float64, device=w.device)
-    for i1 in range(0, cols, bs):
-        i2 = min(i1 + bs, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            c = columns[i1 + i]
-            g, offset = divmod(c, group)
-            if params[g] is None:  # lazy fit, only in natural order: c == i1 + i, offset == 0
-                if i + group <= i2 - i1 or i2 == cols:
-                    current = w1[:, i : i + group]
-                else:  # a group wider than the block starts on a block boundary: w is up to date
-                    assert i == 0
-                    current = w[:, c : c + group]
-                params[g] = grid.fit(current, None if importance is None else importance[c : c + group])
-            col = w1[:, i : i + 1]
-            wt[:, i1 + i] = col[:, 0]
-            qc = grid.quantize(col, params[g], offset)
-            q[:, i1 + i] = qc[:, 0]
-            e = (col - qc) / hinv1[i, i]
-            w1[:, i:] -= e * hinv1[i : i + 1, i:]
-            err1[:, i : i + 1] = e
-        loss += err1.double().square().sum() / 2
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+def _stack_rows(ps: list[Any], rows: int) -> Any:
+    """Group params of several items as one for grid.quantize on their stacked rows: every tensor field with
+    one entry per row concatenated (IntParams, the GGUF FittedBlock/FixedParams, FP8Params, a bare tensor)."""
+    if len(ps) == 1:
+        return ps[0]
+    p0 = ps[0]
+    if isinstance(p0, torch.Tensor):
+        return torch.cat(ps, 0)
+    out = copy.copy(p0)
+    for k, v in vars(p0).items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows:
+            object.__setattr__(out, k, torch.cat([getattr(p, k) for p in ps], 0))
+    return out
+
+def _gptq_pass(wT: torch.Tensor, hinv: torch.Tensor, grid: Grid, params: list[list[Any]],
+               importance: list[torch.Tensor | None], order: torch.Tensor | None, group: int, bs: int, rows: int,
+               keep_wt: bool = False, sub: int = 16) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One GPTQ sweep over J jobs at once. wT [J, C, S * rows]: the start weights of each job's S items (weights
+    sharing the job's Hessian), transposed, so that a column of every row of every item is one contiguous row;
+    hinv [J, C, C]: each job's upper Cholesky factor of its inverse damped Hessian (in `order` if given: act-order,
+    one order for all); params[item][g] (item = j * S + s): group params, None ones fitted lazily (natural order
+    only) and filled in; importance[j]: the per-column weights handed to grid.fit.
+
+    Columns are rounded one at a time for all rows of all items (one grid.quantize call on the stacked params);
+    each rounding error reaches the next columns of its sub-block of `sub` columns as a rank-1 update, the rest of
+    its block of `bs` columns after the sub-block and the columns after the block after the block, both as batched
+    matrix products (two levels of GPTQ's lazy batch updates: the per-column work touches `sub` columns, not `bs`).
+    Returns (q, the weights each column had when it was rounded (keep_wt), both [J, C, S * rows] in natural column
+    order, and each row's loss [J, S * rows] float64: tr((W - Q) Hd (W - Q)^T) / 2 for the damped Hessian Hd whose
+    factor `hinv` is, sum_j err_j^2 / (2 U_jj^2), accumulated on the way)."""
+    J, C, N = wT.shape
+    S = N // rows
+    permuted = order is not None
+    w = wT.clone()
+    if permuted:
+        w = w[:, order]
+        columns = order.tolist()
+    else:
+        columns = list(range(C))
+    qT = torch.empty_like(w)
+    wtT = torch.empty_like(w) if keep_wt else None
+    loss = torch.zeros(J, N, dtype=torch.float64, device=w.device)
+    lazy = any(p is None for ps in params for p in ps)
+    if lazy:
+        sub = math.gcd(sub, group)
+    stacked = {}
+    for i1 in range(0, C, bs):
+        i2 = min(i1 + bs, C)
+        n = i2 - i1
+        W1 = w[:, i1:i2]
+        U1 = hinv[:, i1:i2, i1:i2]
+        E1 = torch.empty(J, n, N, dtype=w.dtype, device=w.device)
+        for j1 in range(0, n, sub):
+            j2 = min(j1 + sub, n)
+            for i in range(j1, j2):
+                c = columns[i1 + i]
+                g, offset = divmod(c, group)
+                if g not in stacked:
+                    for it, ps in enumerate(params):
+                        if ps[g] is None:
+                            j, s = divmod(it, S)
+                            cur = w[j, i1 + i: i1 + i + group, s * rows:(s + 1) * rows].t()
+                            ps[g] = grid.fit(cur, None if importance is None else importance[j][c:c + group])
+                    stacked[g] = _stack_rows([ps[g] for ps in params], rows)
+                col = W1[:, i]
+                if keep_wt:
+                    wtT[:, i1 + i] = col
+                qc = grid.quantize(col.reshape(J * N, 1), stacked[g], offset).view(J, N)
+                qT[:, i1 + i] = qc
+                e = E1[:, i]
+                torch.sub(col, qc, out=e)
+                e.div_(U1[:, i, i].unsqueeze(1))
+                if i + 1 < j2:
+                    W1[:, i + 1:j2].baddbmm_(U1[:, i, i + 1:j2].unsqueeze(2), e.unsqueeze(1), alpha=-1)
+            if j2 < n:
+                W1[:, j2:].baddbmm_(U1[:, j1:j2, j2:].transpose(1, 2), E1[:, j1:j2], alpha=-1)
+        loss += E1.square().sum(1, dtype=torch.float64)
+        if i2 < C:
+            w[:, i2:].baddbmm_(hinv[:, i1:i2, i2:].transpose(1, 2), E1, alpha=-1)
     if permuted:
         inv = torch.argsort(order)
-        q, wt = q[:, inv], wt[:, inv]
-    return q, wt, float(loss)
+        qT = qT[:, inv]
+        if keep_wt:
+            wtT = wtT[:, inv]
+    return qT, wtT, loss / 2
 
 
 def rtn_candidates(

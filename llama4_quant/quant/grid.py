@@ -196,9 +196,11 @@ def lsq_scales(w0: torch.Tensor, q: torch.Tensor, params: list[IntParams], h: to
     hh = torch.nn.functional.pad(h, (0, pad, 0, pad))
     vp = torch.nn.functional.pad(v, (0, pad))
     a = torch.empty(rows, n_g, n_g, dtype=torch.float64, device=w0.device)
-    for k in range(n_g):
-        nk = vp[:, k * gs:(k + 1) * gs] @ hh[k * gs:(k + 1) * gs, :]  # [rows, n_g * gs]
-        a[:, :, k] = (vp * nk).view(rows, n_g, gs).sum(-1).double()
+    for k in range(n_g):  # A is symmetric: group k's row of blocks from its diagonal block on, mirrored
+        nk = vp[:, k * gs:(k + 1) * gs] @ hh[k * gs:(k + 1) * gs, k * gs:]  # [rows, (n_g - k) * gs]
+        nk.mul_(vp[:, k * gs:])
+        a[:, k:, k] = nk.view(rows, n_g - k, gs).sum(-1).double()
+        a[:, k, k + 1:] = a[:, k + 1:, k]
     wh = torch.nn.functional.pad(w0 @ h, (0, pad))
     b = (vp * wh).view(rows, n_g, gs).sum(-1).double()
     c = (torch.nn.functional.pad(w0, (0, pad)) * wh).sum(-1).double()  # w H w^T per row
