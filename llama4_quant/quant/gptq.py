@@ -61,7 +61,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -135,9 +135,9 @@ def _block_size(block: int, group: int, cols: int, static: bool) -> int:
 
 @dataclass
 class GPTQJob:
-    """One Hessian and the weights that share it (all [out, in] of the same shape): a Linear, or the gate and up
-    projections of one expert (same input), or q/k/v of one attention. Each weight gets its own result, record and
-    RTN guard; the factorisation and the column loop are shared."""
+    """One Hessian and the weights that share it (each [rows_k, in]): a Linear, or the gate and up projections of
+    one expert (same input), or q/k/v of one attention. Each weight gets its own result, record and RTN guard; the
+    factorisation and the column loop are shared."""
 
     weights: list[torch.Tensor]
     hessian: torch.Tensor
@@ -170,6 +170,27 @@ def gptq(
     return gptq_batch([job], grid, config)[0][0]
 
 
+@torch.no_grad()
+def gptq_rows(blocks: Iterable[torch.Tensor], hessian: torch.Tensor, grid: Grid, config: GPTQConfig = GPTQConfig(),
+              n_tokens: int | None = None) -> Iterator[QuantResult]:
+    """GPTQ of a tall weight given as row blocks ([rows_b, in] each, in order), against one Hessian factored once:
+    one result per block, each what gptq() of the whole weight computes for those rows (rows are independent given
+    the factor; the RTN guard decides per block, so the whole is never worse than RTN either). Memory stays at one
+    block: the pipeline streams the 202,048-row output head this way."""
+    prep = None
+    for block in blocks:
+        w0 = block.detach().to(torch.float32)
+        if prep is None:
+            prep = _factor(hessian, n_tokens, grid, config, w0.shape[1], w0.device)
+        if isinstance(prep, tuple):
+            yield _fallback([w0], grid, prep[0], n_tokens, prep[1])[0]
+            continue
+        _add_items(prep, [w0], None, config)
+        _run([prep], grid, config)
+        yield _finish(prep, GPTQJob([w0], hessian, n_tokens), grid, config)[0]
+        prep.items, prep.t0 = [], time.perf_counter()
+
+
 class _Item:
     """One weight of a job on its way through GPTQ."""
 
@@ -195,10 +216,11 @@ class _Prepared:
 def gptq_batch(jobs: list[GPTQJob], grid: Grid, config: GPTQConfig = GPTQConfig()) -> list[list[QuantResult]]:
     """GPTQ of several jobs at once: results[j][k] for weight k of job j.
 
-    The column loop runs once for all weights of all jobs of one shape (batched matrix products over the jobs'
-    own factors, one rounding call per column for every row of every weight), so a MoE layer's experts cost one
-    loop, not one per expert. Per weight, everything is what gptq() of that weight alone computes, up to float
-    rounding order. Jobs of other shapes, and act-order jobs (each has its own column order), get loops of their own.
+    The column loop runs once for all weights of all jobs of one layout (the same weight shapes: batched matrix
+    products over the jobs' own factors, one rounding call per column for every row of every weight), so a MoE
+    layer's experts cost one loop, not one per expert. Per weight, everything is what gptq() of that weight alone
+    computes, up to float rounding order. Jobs of other layouts, and act-order jobs (each has its own column
+    order), get loops of their own.
     """
     results: list[list[QuantResult | None]] = [[None] * len(j.weights) for j in jobs]
     ready: list[tuple[int, _Prepared]] = []
@@ -210,7 +232,7 @@ def gptq_batch(jobs: list[GPTQJob], grid: Grid, config: GPTQConfig = GPTQConfig(
             ready.append((ji, prep))
     batches: dict[Any, list[tuple[int, _Prepared]]] = {}
     for ji, prep in ready:
-        key = (ji,) if config.act_order else (prep.shape, len(prep.items), str(prep.device), prep.static, prep.bs)
+        key = (ji,) if config.act_order else (prep.layout, str(prep.device), prep.static, prep.bs)
         batches.setdefault(key, []).append((ji, prep))
     for batch in batches.values():
         preps = [p for _, p in batch]
@@ -221,33 +243,41 @@ def gptq_batch(jobs: list[GPTQJob], grid: Grid, config: GPTQConfig = GPTQConfig(
 
 
 def _prepare(job: GPTQJob, grid: Grid, config: GPTQConfig) -> _Prepared | list[QuantResult]:
-    t0 = time.perf_counter()
     w0s = [w.detach().to(torch.float32) for w in job.weights]
-    shape = tuple(w0s[0].shape)
-    if any(tuple(w.shape) != shape for w in w0s):
-        raise ValueError("the weights of one GPTQ job must have the same shape")
-    cols = shape[1]
-    device = w0s[0].device
-    h0 = job.hessian.detach().to(device=device, dtype=torch.float32)
+    cols = w0s[0].shape[1]
+    if any(w.dim() != 2 or w.shape[1] != cols for w in w0s):
+        raise ValueError("the weights of one GPTQ job must be 2-D with the same number of input columns")
+    prep = _factor(job.hessian, job.n_tokens, grid, config, cols, w0s[0].device, job.asym is not None)
+    if isinstance(prep, tuple):
+        return _fallback(w0s, grid, prep[0], job.n_tokens, prep[1])
+    _add_items(prep, w0s, job.asym, config)
+    return prep
+
+
+def _fallback(w0s: list[torch.Tensor], grid: Grid, reason: str, n_tokens: int | None,
+              damp: float | None = None) -> list[QuantResult]:
+    out = []
+    for w0 in w0s:
+        res = rtn(w0, grid, reason=reason)  # loss on the weights: H is empty or not trustworthy
+        res.record.damp = damp
+        res.record.n_tokens = n_tokens
+        out.append(res)
+    return out
+
+
+def _factor(hessian: torch.Tensor, n_tokens: int | None, grid: Grid, config: GPTQConfig, cols: int,
+            device: torch.device, asym: bool = False) -> _Prepared | tuple[str, float | None]:
+    """Everything of a job that depends on its Hessian alone (shrinkage, damping, the inverse Cholesky factor,
+    the column importance), or the reason GPTQ falls back to RTN."""
+    t0 = time.perf_counter()
+    h0 = hessian.detach().to(device=device, dtype=torch.float32)
     if h0.shape != (cols, cols):
-        raise ValueError(f"Hessian {tuple(h0.shape)} does not match weight {shape}")
-    n_tokens = job.n_tokens
-
-    def fallback(reason: str, damp: float | None = None) -> list[QuantResult]:
-        out = []
-        for w0 in w0s:
-            res = rtn(w0, grid, reason=reason)  # loss on the weights: H is empty or not trustworthy
-            res.record.damp = damp
-            res.record.n_tokens = n_tokens
-            res.record.seconds = (time.perf_counter() - t0) / len(w0s)
-            out.append(res)
-        return out
-
+        raise ValueError(f"Hessian {tuple(h0.shape)} does not match {cols} input columns")
     diag0 = h0.diagonal()
     if n_tokens == 0 or not bool((diag0 != 0).any()):
-        return fallback("empty Hessian (no calibration tokens)")
+        return "empty Hessian (no calibration tokens)", None
     if not bool(torch.isfinite(h0).all()):
-        return fallback("non-finite Hessian")
+        return "non-finite Hessian", None
 
     h = h0.clone()
     dead = torch.nonzero(diag0 == 0).squeeze(1)
@@ -275,10 +305,10 @@ def _prepare(job: GPTQJob, grid: Grid, config: GPTQConfig) -> _Prepared | list[Q
     hp = h[order][:, order] if config.act_order else h
     hinv, damp = inverse_cholesky(hp, config.damp, config.damp_growth, config.max_damp)
     if hinv is None:
-        return fallback(f"Cholesky failed with damping up to {damp:g} of mean diag(H)", damp)
+        return f"Cholesky failed with damping up to {damp:g} of mean diag(H)", damp
     del hp
     hd = None
-    if job.asym is not None:
+    if asym:
         hd = h.clone()
         hd.diagonal().add_(damp * h.diagonal().mean())
 
@@ -293,29 +323,34 @@ def _prepare(job: GPTQJob, grid: Grid, config: GPTQConfig) -> _Prepared | list[Q
             importance[order] = hinv.diagonal().square().reciprocal()
         else:
             importance = h.diagonal().clone()
+    return _Prepared(
+        t0=t0, h0=h0, h=h, diag0=diag0, dead=dead, alpha=alpha, hinv=hinv, damp=damp, group=group,
+        perm=order if config.act_order else None, slices=slices, mode=mode,
+        refine=config.refine if mode in ("lsq", "refit") else 0, static=static, fit_grid=fit_grid,
+        importance=importance, items=[], layout=(), device=device, n_tokens=n_tokens, cols=cols,
+        bs=_block_size(config.block_size, group, cols, static), hd=None, hd_asym=hd,
+    )
 
+
+def _add_items(prep: _Prepared, w0s: list[torch.Tensor], asym: torch.Tensor | None, config: GPTQConfig) -> None:
+    """The weights a factored job quantizes (replacing any earlier ones: gptq_rows reuses a factor per row block)."""
     items = []
     for w0 in w0s:
         ref = w0  # what every loss is measured against: W, or W* under asymmetric calibration
-        if job.asym is not None:
-            ref = w0 + torch.linalg.solve(hd, (w0 @ job.asym.to(w0)).t()).t()
+        if asym is not None:
+            ref = w0 + torch.linalg.solve(prep.hd_asym, (w0 @ asym.to(w0)).t()).t()
         w = ref.clone()
         if config.zero_dead_columns:
-            w[:, dead] = 0.0
-        fitted_on = w if (job.asym is not None or (config.zero_dead_columns and dead.numel())) else w0
-        item = _Item(w0, w, ref, fitted_on, len(slices))
-        if static:
-            item.params = [fit_grid.fit(fitted_on[:, s], None if importance is None else importance[s]) for s in slices]
+            w[:, prep.dead] = 0.0
+        fitted_on = w if (asym is not None or (config.zero_dead_columns and prep.dead.numel())) else w0
+        item = _Item(w0, w, ref, fitted_on, len(prep.slices))
+        if prep.static:
+            imp = prep.importance
+            item.params = [prep.fit_grid.fit(fitted_on[:, s], None if imp is None else imp[s]) for s in prep.slices]
         item.static_fit = list(item.params)
         items.append(item)
-    del hd
-    return _Prepared(
-        t0=t0, h0=h0, h=h, diag0=diag0, dead=dead, alpha=alpha, hinv=hinv, damp=damp, group=group,
-        perm=order if config.act_order else None,
-        slices=slices, mode=mode, refine=config.refine if mode in ("lsq", "refit") else 0, static=static,
-        fit_grid=fit_grid, importance=importance, items=items, shape=shape, device=device, n_tokens=n_tokens,
-        bs=_block_size(config.block_size, group, cols, static), hd=None,
-    )
+    prep.items = items
+    prep.layout = (tuple(int(w.shape[0]) for w in w0s), prep.cols)
 
 
 def _run(preps: list[_Prepared], grid: Grid, config: GPTQConfig) -> None:
@@ -373,23 +408,24 @@ def _run(preps: list[_Prepared], grid: Grid, config: GPTQConfig) -> None:
 
 def _batched_pass(preps: list[_Prepared], ws: list[torch.Tensor], params: list[list[Any]], grid: Grid,
                   keep_wt: bool, out: list[_Item]) -> None:
-    """One GPTQ sweep for the items of `preps` (weights `ws`, in order, grouped by job); sets q, wt and loss on
-    the `out` items. `params` entries that are None are fitted lazily and filled in."""
+    """One GPTQ sweep for the items of `preps` (weights `ws`, in order, grouped by job; every job has the same
+    layout); sets q, wt and loss on the `out` items. `params` entries that are None are fitted lazily and filled in."""
     p0 = preps[0]
-    rows, cols = p0.shape
-    per_job = len(p0.items)
+    rows, cols = p0.layout
+    per_job = len(rows)
+    offsets = [sum(rows[:k]) for k in range(per_job + 1)]
     jobs = len(preps)
-    wT = torch.empty(jobs, cols, per_job * rows, device=p0.device)
+    wT = torch.empty(jobs, cols, offsets[-1], device=p0.device)
     for k, w in enumerate(ws):
         j, s = divmod(k, per_job)
-        wT[j, :, s * rows:(s + 1) * rows] = w.t()
+        wT[j, :, offsets[s]:offsets[s + 1]] = w.t()
     hinv = p0.hinv.unsqueeze(0) if jobs == 1 else torch.stack([p.hinv for p in preps])
     qT, wtT, loss = _gptq_pass(wT, hinv, grid, params, [p.importance for p in preps], p0.perm, p0.group, p0.bs,
                                rows, keep_wt)
     del wT, hinv
     for k, it in enumerate(out):
         j, s = divmod(k, per_job)
-        sl = slice(s * rows, (s + 1) * rows)
+        sl = slice(offsets[s], offsets[s + 1])
         it.q = qT[j, :, sl].t().contiguous()
         it.wt = wtT[j, :, sl].t().contiguous() if wtT is not None else None
         it.loss = float(loss[j, sl].sum())
@@ -506,9 +542,10 @@ def _search_grid(grid: Grid, config: GPTQConfig) -> Grid:
 
 
 
-def _stack_rows(ps: list[Any], rows: int) -> Any:
-    """Group params of several items as one for grid.quantize on their stacked rows: every tensor field with
-    one entry per row concatenated (IntParams, the GGUF FittedBlock/FixedParams, FP8Params, a bare tensor)."""
+def _stack_rows(ps: list[Any], rows: list[int]) -> Any:
+    """Group params of several items (item k has rows[k] rows) as one for grid.quantize on their stacked rows:
+    every tensor field with one entry per row concatenated (IntParams, the GGUF FittedBlock/FixedParams,
+    FP8Params, a bare tensor)."""
     if len(ps) == 1:
         return ps[0]
     p0 = ps[0]
@@ -516,15 +553,15 @@ def _stack_rows(ps: list[Any], rows: int) -> Any:
         return torch.cat(ps, 0)
     out = copy.copy(p0)
     for k, v in vars(p0).items():
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows:
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and all(getattr(p, k).shape[0] == r for p, r in zip(ps, rows)):
             object.__setattr__(out, k, torch.cat([getattr(p, k) for p in ps], 0))
     return out
 
 def _gptq_pass(wT: torch.Tensor, hinv: torch.Tensor, grid: Grid, params: list[list[Any]],
-               importance: list[torch.Tensor | None], order: torch.Tensor | None, group: int, bs: int, rows: int,
-               keep_wt: bool = False, sub: int = 16) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """One GPTQ sweep over J jobs at once. wT [J, C, S * rows]: the start weights of each job's S items (weights
-    sharing the job's Hessian), transposed, so that a column of every row of every item is one contiguous row;
+               importance: list[torch.Tensor | None], order: torch.Tensor | None, group: int, bs: int,
+               rows: tuple[int, ...], keep_wt: bool = False, sub: int = 16) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One GPTQ sweep over J jobs at once. wT [J, C, N]: the start weights of each job's S items (weights sharing
+    the job's Hessian; item s has rows[s] rows, N their sum), transposed, so that a column of every row of every item is one contiguous row;
     hinv [J, C, C]: each job's upper Cholesky factor of its inverse damped Hessian (in `order` if given: act-order,
     one order for all); params[item][g] (item = j * S + s): group params, None ones fitted lazily (natural order
     only) and filled in; importance[j]: the per-column weights handed to grid.fit.
@@ -533,11 +570,13 @@ def _gptq_pass(wT: torch.Tensor, hinv: torch.Tensor, grid: Grid, params: list[li
     each rounding error reaches the next columns of its sub-block of `sub` columns as a rank-1 update, the rest of
     its block of `bs` columns after the sub-block and the columns after the block after the block, both as batched
     matrix products (two levels of GPTQ's lazy batch updates: the per-column work touches `sub` columns, not `bs`).
-    Returns (q, the weights each column had when it was rounded (keep_wt), both [J, C, S * rows] in natural column
-    order, and each row's loss [J, S * rows] float64: tr((W - Q) Hd (W - Q)^T) / 2 for the damped Hessian Hd whose
+    Returns (q, the weights each column had when it was rounded (keep_wt), both [J, C, N] in natural column
+    order, and each row's loss [J, N] float64: tr((W - Q) Hd (W - Q)^T) / 2 for the damped Hessian Hd whose
     factor `hinv` is, sum_j err_j^2 / (2 U_jj^2), accumulated on the way)."""
     J, C, N = wT.shape
-    S = N // rows
+    S = len(rows)
+    offsets = [sum(rows[:k]) for k in range(S + 1)]
+    item_rows = list(rows) * J
     permuted = order is not None
     w = wT.clone()
     if permuted:
@@ -567,9 +606,9 @@ def _gptq_pass(wT: torch.Tensor, hinv: torch.Tensor, grid: Grid, params: list[li
                     for it, ps in enumerate(params):
                         if ps[g] is None:
                             j, s = divmod(it, S)
-                            cur = w[j, i1 + i: i1 + i + group, s * rows:(s + 1) * rows].t()
+                            cur = w[j, i1 + i: i1 + i + group, offsets[s]:offsets[s + 1]].t()
                             ps[g] = grid.fit(cur, None if importance is None else importance[j][c:c + group])
-                    stacked[g] = _stack_rows([ps[g] for ps in params], rows)
+                    stacked[g] = _stack_rows([ps[g] for ps in params], item_rows)
                 col = W1[:, i]
                 if keep_wt:
                     wtT[:, i1 + i] = col
