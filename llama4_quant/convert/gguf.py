@@ -207,6 +207,10 @@ class GGUFExporter:
         p = self.plan[spec.name]
         self.writer.write(p.name, pack_result(result.weight, result.params), expert=expert)
 
+    def write_quantized_rows(self, spec, row0: int, result, grid) -> None:
+        """Rows row0.. of a 2-D tensor quantized in row blocks (the calibrated head): GGML rows pack on their own."""
+        self.writer.write_rows(self.plan[spec.name].name, row0, pack_result(result.weight, result.params))
+
     def end_layer(self, layer: int) -> None:
         pass
 

@@ -45,10 +45,10 @@ from ..model.config import Llama4Config
 from ..model.forward import LayerWeights, attention_block, dense_block, rms_norm, route, swiglu
 from ..model.tensors import ATTN, TensorSpec, tensor_specs
 from ..model.runner import DEFAULT_SPILL_BYTES, ActivationStore, LayerwiseRunner, release
-from ..quant.gptq import GPTQConfig, gptq
+from ..quant.gptq import GPTQConfig, GPTQJob, gptq_batch, gptq_rows
 from ..quant.grid import Grid, IntGrid
 from ..quant.hessian import HessianAccumulator
-from ..quant.rtn import QuantResult, rtn
+from ..quant.rtn import QuantResult, hessian_loss, rtn
 
 # --targets vocabulary -> roles
 TARGET_NAMES = {"experts": "experts", "shared": "shared", "mlp": "mlp", "attn": "attn", "lm_head": "head"}
@@ -162,6 +162,7 @@ class PipelineOptions:
     batch_size: int = 4
     hessian_budget_bytes: int = 8 << 30
     spill_bytes: int = DEFAULT_SPILL_BYTES
+    gptq_experts: int = 0  # routed experts per batched GPTQ loop; 0: auto (1 on a CPU, the whole chunk on a GPU)
 
     def __post_init__(self) -> None:
         if self.method not in ("gptq", "rtn"):
@@ -232,20 +233,47 @@ class Pipeline:
         GPTQ also rounds the same grid to nearest and keeps whichever has the lower Hessian loss (quant/gptq.py,
         `rtn_guard`): the record's `method` says which was written, `reason` why, and `gptq_loss` / `rtn_loss`
         (with `rel_gptq_loss` / `rel_rtn_loss`, relative to the unquantized output energy) give both."""
-        w = weight.to(self.device, torch.float32)
+        return self._quantize_jobs([[(name, weight)]], grid, [acc], expert_fallback)[name]
+
+    def _quantize_jobs(self, jobs: list[list[tuple[str, torch.Tensor]]], grid: Grid,
+                       accs: list[HessianAccumulator | None], expert_fallback: str = "") -> dict[str, QuantResult]:
+        """Several Linears on one grid, {name: result}: jobs[j] are the (name, weight) pairs that read the input
+        accs[j] observed (one Hessian, one factorisation); the GPTQ jobs run in one batched column loop
+        (quant.gptq.gptq_batch). Records as _quantize describes."""
         t0 = time.perf_counter()
-        if expert_fallback:
-            result = rtn(w, mse_variant(grid), reason=expert_fallback)
-            result.record.n_tokens = acc.n_tokens if acc is not None else 0
-        elif self.opt.method == "gptq" and acc is not None:
-            result = gptq(w, acc.hessian, grid, self.opt.gptq, acc.n_tokens)
-        else:
-            result = rtn(w, grid)
+        out: dict[str, QuantResult] = {}
+        gptq_jobs, gptq_names = [], []
+        for pairs, acc in zip(jobs, accs):
+            ws = [w.to(self.device, torch.float32) for _, w in pairs]
+            if expert_fallback or not (self.opt.method == "gptq" and acc is not None):
+                for (name, _), w in zip(pairs, ws):
+                    if expert_fallback:
+                        res = rtn(w, mse_variant(grid), reason=expert_fallback)
+                        res.record.n_tokens = acc.n_tokens if acc is not None else 0
+                    else:
+                        res = rtn(w, grid)
+                    out[name] = res
+                continue
+            gptq_jobs.append(GPTQJob(ws, acc.hessian, acc.n_tokens))
+            gptq_names.append([name for name, _ in pairs])
+        if gptq_jobs:
+            for names, results in zip(gptq_names, gptq_batch(gptq_jobs, grid, self.opt.gptq)):
+                out.update(zip(names, results))
+        seconds = (time.perf_counter() - t0) / max(1, len(out))
+        by_name = {name: (w, acc) for pairs, acc in zip(jobs, accs) for name, w in pairs}
+        for name, result in out.items():
+            w, acc = by_name[name]
+            self._record(name, w, grid, acc, result, expert_fallback, seconds)
+        return out
+
+    def _record(self, name: str, weight: torch.Tensor, grid: Grid, acc: HessianAccumulator | None,
+                result: QuantResult, expert_fallback: str, seconds: float) -> None:
         rec = asdict(result.record)
-        rec["seconds"] = time.perf_counter() - t0
+        rec["seconds"] = seconds
         rec["grid"] = describe_grid(grid if not expert_fallback else mse_variant(grid))
         if rec.get("loss_kind") == "hessian" and acc is not None:
-            ref = float(((w @ acc.hessian) * w).sum()) / 2
+            w = weight.to(self.device, torch.float32)
+            ref = hessian_loss(w, acc.hessian.to(w.device))
             rec["rel_loss"] = rec["loss"] / ref if ref > 0 else None
             for k in ("gptq_loss", "rtn_loss"):
                 if rec.get(k) is not None:
@@ -253,7 +281,6 @@ class Pipeline:
         if self.opt.method == "gptq" and acc is None and not expert_fallback:
             rec["reason"] = rec.get("reason") or "no calibration statistics"
         self.records[name] = rec
-        return result
 
     def _emit(self, spec: TensorSpec, expert: int | None, result: QuantResult, grid: Grid,
               runtime: bool = False) -> torch.Tensor | None:
@@ -329,9 +356,8 @@ class Pipeline:
     def _head(self, spec: TensorSpec, grid: Grid | None, store: ActivationStore | None) -> None:
         if grid is None and self._in_row_blocks(spec, "output"):
             return
-        w = self.source.read("output")
         if grid is None:
-            self.exporter.write_tensor(spec, w)
+            self.exporter.write_tensor(spec, self.source.read("output"))
             return
         acc = None
         if store is not None and self.opt.method == "gptq":
@@ -341,7 +367,52 @@ class Pipeline:
                 for sl in self._batches(len(store)):
                     h = store.get(sl, self.device, self.opt.dtype)
                     acc.add(rms_norm(h, norm, self.cfg.rms_norm_eps))
-        self._emit(spec, None, self._quantize(spec, "output", w, grid, acc), grid)
+        if acc is not None and hasattr(self.exporter, "write_quantized_rows"):
+            self._head_in_row_blocks(spec, grid, acc)
+            return
+        self._emit(spec, None, self._quantize(spec, "output", self.source.read("output"), grid, acc), grid)
+
+    def _head_in_row_blocks(self, spec: TensorSpec, grid: Grid, acc: HessianAccumulator) -> None:
+        """GPTQ of the calibrated head in row blocks against one factor of its Hessian (quant.gptq.gptq_rows),
+        each block packed and written as it is done: memory stays at one block of the 202,048 x 5,120 table. One
+        record for the tensor: losses summed over the blocks, the RTN guard decided per block."""
+        t0 = time.perf_counter()
+        rows = spec.shape[0]
+        step = max(1, ROW_BLOCK_ELEMENTS // spec.shape[1])
+        starts = list(range(0, rows, step))
+        sums = {"loss": 0.0, "gptq_loss": 0.0, "rtn_loss": 0.0, "ref": 0.0}
+
+        def blocks():
+            for r0 in starts:
+                block = self.source.read_rows("output", r0, min(rows, r0 + step)).to(self.device, torch.float32)
+                sums["ref"] += hessian_loss(block, acc.hessian)
+                yield block
+
+        methods: list[str] = []
+        first: dict[str, Any] | None = None
+        for r0, res in zip(starts, gptq_rows(blocks(), acc.hessian, grid, self.opt.gptq, acc.n_tokens)):
+            rec = res.record
+            first = first or asdict(rec)
+            methods.append(rec.method)
+            sums["loss"] += rec.loss
+            sums["gptq_loss"] += rec.gptq_loss if rec.gptq_loss is not None else rec.loss
+            sums["rtn_loss"] += rec.rtn_loss if rec.rtn_loss is not None else rec.loss
+            self.exporter.write_quantized_rows(spec, r0, res, grid)
+            del res
+        assert first is not None
+        rec = dict(first)
+        kept = methods.count("rtn")
+        rec.update(method="gptq" if kept < len(methods) else "rtn", loss=sums["loss"],
+                   seconds=time.perf_counter() - t0, grid=describe_grid(grid), row_blocks=len(methods))
+        if first.get("gptq_loss") is not None:
+            rec.update(gptq_loss=sums["gptq_loss"], rtn_loss=sums["rtn_loss"])
+        if 0 < kept < len(methods):
+            rec["reason"] = f"{kept} of {len(methods)} row blocks kept RTN (lower Hessian loss than GPTQ's)"
+        if rec.get("loss_kind") == "hessian" and sums["ref"] > 0:
+            for k in ("loss", "gptq_loss", "rtn_loss"):
+                if rec.get(k) is not None:
+                    rec["rel_" + k] = rec[k] / sums["ref"]
+        self.records["output"] = rec
 
     # -- one decoder layer -------------------------------------------------------------------------------------
     def _layer(self, i: int, store: ActivationStore | None, grids: dict, by_name: dict) -> None:
@@ -419,15 +490,29 @@ class Pipeline:
         self._quantize_group(i, w, locals_, grids, by_name, accs, calibrate=store is not None)
 
     def _quantize_group(self, i, w, locals_: list[str], grids, by_name, accs, calibrate: bool) -> None:
-        """Write each of a layer's non-expert tensors, quantized with its Hessian when it has a grid; when
-        calibrating, the quantized weight replaces the original for the next layers' activations."""
+        """Write each of a layer's non-expert tensors, quantized with its Hessian when it has a grid (Linears that
+        read the same input on the same grid share one GPTQ job: q/k/v, gate/up); when calibrating, the quantized
+        weight replaces the original for the next layers' activations."""
         p = f"layers.{i}."
+        jobs: dict[tuple[str, str], list[str]] = {}
+        for n in locals_:
+            if grids.get(p + n) is not None:
+                jobs.setdefault((_OBSERVED_BY[n], repr(grids[p + n])), []).append(n)
+        results: dict[str, QuantResult] = {}
+        by_grid: dict[str, list[tuple[str, list[str]]]] = {}
+        for (obs, g), names in jobs.items():
+            by_grid.setdefault(g, []).append((obs, names))
+        for g, group in by_grid.items():
+            grid = grids[p + group[0][1][0]]
+            got = self._quantize_jobs([[(by_name[p + n].name, w.get(n)) for n in names] for _, names in group], grid,
+                                      [accs.get(obs) for obs, _ in group])
+            results.update({n[len(p):]: r for n, r in got.items()})
         for n in locals_:
             spec, grid = by_name[p + n], grids.get(p + n)
             if grid is None:
                 self.exporter.write_tensor(spec, self.source.read(p + n))
                 continue
-            result = self._quantize(spec, spec.name, w.get(n), grid, accs.get(_OBSERVED_BY[n]))
+            result = results.pop(n)
             if calibrate:
                 w.set(n, self._emit(spec, None, result, grid, runtime=True))
             else:
@@ -547,22 +632,20 @@ class Pipeline:
         # c0 + jN .. c0 + jN + N - 1), each written by rank 0 before the next round, so no rank keeps its results
         # past its round and rank 0 receives them one matrix at a time (in one process: one expert per round)
         share = ranks.share(experts)
-        for j in range(max(len(s) for s in share)):
+        step = 1 if ranks.active else self._experts_per_loop(len(mine))
+        for j in range(0, max(len(s) for s in share), step):
             sent: list[tuple] = []  # expert-parallel: what rank 0 writes for this rank's expert of the round
-            for e in mine[j : j + 1]:
-                we = weights.pop(e) if e in weights else read(e)
+            group = mine[j : j + step]
+            wes = {e: (weights.pop(e) if e in weights else read(e)) for e in group}
+            results = (self._quantize_experts(group, wes, acc_in, acc_dn, especs, egrids, counts, calibrate)
+                       if quantized else {})
+            for e in group:
+                we = wes.pop(e)
                 if quantized:
-                    fallback = ""
-                    if calibrate and opt.method == "gptq" and e not in acc_in:
-                        n = int(counts[e])
-                        fallback = ("no calibration tokens routed to this expert" if n == 0 else
-                                    f"only {n} calibration tokens routed (< --min-expert-tokens {opt.min_expert_tokens})")
-                        fallback += "; RTN with MSE clipping"
                     mats = []
                     for k in kinds:
-                        acc = (acc_dn if k == "down" else acc_in).get(e)
+                        res = results[e].pop(k)
                         name = especs[k].expert_name(e)
-                        res = self._quantize(especs[k], name, we[k], egrids[k], acc, fallback)
                         if ranks.active:
                             sent.append((e, k, "q", res, self.records[name]))
                             if out is not None:
@@ -585,6 +668,7 @@ class Pipeline:
                 del we
                 if not ranks.active:
                     self.progress.expert_done(i, e)
+            del results
             if ranks.active:
                 self._write_gathered(i, sorted(s[j] for s in share if j < len(s)), especs, egrids, sent)
             del sent
@@ -608,6 +692,47 @@ class Pipeline:
                     ranks.all_sum(part)
                     acc = acc + part
                 out.put(sl, acc.view(h.shape))
+
+    def _experts_per_loop(self, n: int) -> int:
+        """Routed experts quantized in one batched GPTQ loop: --gptq-experts, or on a GPU the whole chunk (the
+        per-column work is one kernel for all of them), on a CPU one (batching saves no arithmetic there, and
+        each expert in flight costs its float32 working copies)."""
+        if self.opt.gptq_experts > 0:
+            return self.opt.gptq_experts
+        return max(1, n) if self.device.type == "cuda" else 1
+
+    def _quantize_experts(self, experts, wes, acc_in, acc_dn, especs, egrids, counts,
+                          calibrate: bool) -> dict[int, dict[str, QuantResult]]:
+        """{expert: {kind: result}} for a group of routed experts: gate and up of an expert share its input Hessian
+        (one GPTQ job when they share a grid), down has its own; all experts' jobs of a kind run in one batched
+        loop. Experts with too few calibration tokens get RTN with MSE clipping, as before."""
+        opt = self.opt
+        out: dict[int, dict[str, QuantResult]] = {e: {} for e in experts}
+        calibrated, starved = [], []
+        for e in experts:
+            if calibrate and opt.method == "gptq" and e not in acc_in:
+                starved.append(e)
+            else:
+                calibrated.append(e)
+        for e in starved:
+            n = int(counts[e])
+            why = ("no calibration tokens routed to this expert" if n == 0 else
+                   f"only {n} calibration tokens routed (< --min-expert-tokens {opt.min_expert_tokens})")
+            why += "; RTN with MSE clipping"
+            for k in ("gate", "up", "down"):
+                acc = (acc_dn if k == "down" else acc_in).get(e)
+                out[e][k] = self._quantize(especs[k], especs[k].expert_name(e), wes[e][k], egrids[k], acc, why)
+        if not calibrated:
+            return out
+        kinds_in = [["gate", "up"]] if repr(egrids["gate"]) == repr(egrids["up"]) else [["gate"], ["up"]]
+        for kinds in kinds_in + [["down"]]:
+            accs = acc_dn if kinds == ["down"] else acc_in
+            got = self._quantize_jobs([[(especs[k].expert_name(e), wes[e][k]) for k in kinds] for e in calibrated],
+                                      egrids[kinds[0]], [accs.get(e) for e in calibrated])
+            for e in calibrated:
+                for k in kinds:
+                    out[e][k] = got.pop(especs[k].expert_name(e))
+        return out
 
     def _write_gathered(self, i, experts, especs, egrids, sent) -> None:
         """Expert-parallel: rank 0 writes one round's experts (one per rank) in the single-process order (expert by

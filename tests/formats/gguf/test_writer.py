@@ -501,3 +501,30 @@ def test_embeddings_and_head_streamed_in_row_blocks_give_the_same_file(models, t
     assert set(a) == set(b)
     for name in a:
         assert np.array_equal(np.asarray(a[name].data).view(np.uint8), np.asarray(b[name].data).view(np.uint8)), name
+
+
+def test_calibrated_head_quantized_in_row_blocks(models, tmp_path, monkeypatch):
+    """GPTQ of the head in row blocks against one factor (memory: one block of the table, not the whole): the file
+    holds the same head up to float rounding order as one block would give, and one record covers the blocks."""
+    import llama4_quant.convert.pipeline as pl
+    from llama4_quant.tiny.corpus import corpus_splits
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(corpus_splits(0)["calib"][:20_000])
+    kw = dict(scheme="q4_k_m", method="gptq", calib=str(calib), calib_samples=2, calib_seqlen=64)
+    run_gguf_convert(models["scout"], tmp_path / "whole.gguf", **kw)
+    rows = int(_tensors(tmp_path / "whole.gguf")["output.weight"].shape[-1])
+    monkeypatch.setattr(pl, "ROW_BLOCK_ELEMENTS", 256 * 64)  # 64 rows of the 256-wide head per block
+    reports = []
+    real = pl.Pipeline._report
+    monkeypatch.setattr(pl.Pipeline, "_report", lambda self, *a: reports.append(real(self, *a)) or reports[-1])
+    run_gguf_convert(models["scout"], tmp_path / "blocks.gguf", **kw)
+    a, b = _tensors(tmp_path / "whole.gguf")["output.weight"], _tensors(tmp_path / "blocks.gguf")["output.weight"]
+    qt = T(int(a.tensor_type))
+    assert T(int(b.tensor_type)) == qt
+    va = gq.dequantize(np.asarray(a.data).view(np.uint8), qt)
+    vb = gq.dequantize(np.asarray(b.data).view(np.uint8), qt)
+    assert va.shape == vb.shape and float(np.mean(va != vb)) < 0.01
+    rec = reports[0]["tensors"]["output"]
+    assert rec["row_blocks"] == -(-rows // 64) and rec["method"] == "gptq"
+    assert rec["loss"] <= rec["rtn_loss"] and 0 < rec["rel_loss"] < 1
