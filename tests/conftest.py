@@ -16,6 +16,18 @@ from llama4_quant.tiny.checkpoints import text_config, write_hf_checkpoint, writ
 VARIANTS = ("scout", "maverick", "chunked")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run where a CUDA device is, and are skipped (saying why) where none is."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     """{(variant, layout): path} for variants scout/maverick/chunked and layouts hf/text/meta, same weights."""

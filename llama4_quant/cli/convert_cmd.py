@@ -147,6 +147,12 @@ def verify_options(fn):
 @click.option("--batch-size", default=4, show_default=True, help="Calibration sequences per forward batch.")
 @click.option("--hessian-memory", default="8GiB", show_default=True, type=SizeType(),
               help="Budget for the expert Hessians held at once (experts are processed in chunks that fit).")
+@click.option("--router-aware/--no-router-aware", default=True, show_default=True,
+              help="GPTQ on int grids of at most 4 bits (w4a16): also steer the error of the Linears that write the "
+                   "residual stream (wo, down projections) away from what the later routers read (docs/quality.md).")
+@click.option("--gptq-experts", default=0, show_default=True, type=click.IntRange(min=0),
+              help="GPTQ: routed experts quantized in one batched column loop (0: auto, the whole chunk on a GPU, "
+                   "one on a CPU; each expert in flight holds float32 copies of its weights).")
 @click.option("--max-shard-size", default=None, type=SizeType(),
               help="--to safetensors: largest output shard. [default: 2GB]")
 @click.option("--split-max-size", default=None, type=SizeType(), help="--to gguf: split into files of at most this "
@@ -182,7 +188,7 @@ def verify_options(fn):
 @handle_errors
 def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seqlen, seed, tokenizer_path, group_size,
                 targets, ignore, moe_calibration, min_expert_tokens, act_order, damp, shrink, observer, device, dtype,
-                batch_size, hessian_memory, max_shard_size, split_max_size, imatrix_file, mmproj, mmproj_type,
+                batch_size, hessian_memory, router_aware, gptq_experts, max_shard_size, split_max_size, imatrix_file, mmproj, mmproj_type,
                 mmproj_only, fit, target_size, target_bpw, fit_schemes, context, reserve, plan_file, plan_only, force,
                 verify,
                 eval_data,
@@ -202,7 +208,8 @@ def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seql
         targets=tuple(targets) or None, ignore=tuple(ignore) or None, observer=observer, max_shard_size=max_shard_size,
         split_max_size=split_max_size, imatrix_file=imatrix_file, moe_calibration=moe_calibration,
         min_expert_tokens=min_expert_tokens, act_order=act_order, damp=damp, shrink=shrink, device=device, dtype=dtype,
-        batch_size=batch_size, hessian_memory=hessian_memory, force=force, mmproj=mmproj, mmproj_type=mmproj_type,
+        batch_size=batch_size, hessian_memory=hessian_memory, router_aware=router_aware, gptq_experts=gptq_experts,
+        force=force, mmproj=mmproj, mmproj_type=mmproj_type,
         mmproj_only=mmproj_only, fit=fit, target_size=target_size, target_bpw=target_bpw, context=context,
         reserve=reserve, plan=plan_file, plan_only=plan_only, fit_schemes=tuple(fit_schemes) or None,
         verify=VerifyOptions(eval_data=eval_data, ctx=verify_ctx, chunks=verify_chunks, max_ppl_increase=max_ppl_increase,

@@ -53,6 +53,7 @@ from ..quant.rtn import QuantResult, hessian_loss, rtn
 # --targets vocabulary -> roles
 TARGET_NAMES = {"experts": "experts", "shared": "shared", "mlp": "mlp", "attn": "attn", "lm_head": "head"}
 DEFAULT_TARGETS = ("experts", "shared", "mlp")
+RESIDUAL_WRITERS = ("wo", "shared.down", "mlp.down")  # non-expert Linears whose output joins the residual stream
 ROW_BLOCK_ELEMENTS = 1 << 25  # the embeddings / head are streamed in blocks of about this many weights
 _OBSERVED_BY = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "wo", "shared.gate": "shared.in",
                 "shared.up": "shared.in", "shared.down": "shared.down", "mlp.gate": "mlp.in", "mlp.up": "mlp.in",
@@ -163,6 +164,8 @@ class PipelineOptions:
     hessian_budget_bytes: int = 8 << 30
     spill_bytes: int = DEFAULT_SPILL_BYTES
     gptq_experts: int = 0  # routed experts per batched GPTQ loop; 0: auto (1 on a CPU, the whole chunk on a GPU)
+    router_aware: bool = True  # int grids: shape residual writers' error away from the later routers
+    router_max_bits: int = 4  # ... on int grids of at most this many bits (at 8 bits it gained nothing: docs/quality.md)
 
     def __post_init__(self) -> None:
         if self.method not in ("gptq", "rtn"):
@@ -236,10 +239,12 @@ class Pipeline:
         return self._quantize_jobs([[(name, weight)]], grid, [acc], expert_fallback)[name]
 
     def _quantize_jobs(self, jobs: list[list[tuple[str, torch.Tensor]]], grid: Grid,
-                       accs: list[HessianAccumulator | None], expert_fallback: str = "") -> dict[str, QuantResult]:
+                       accs: list[HessianAccumulator | None], expert_fallback: str = "",
+                       metric: torch.Tensor | None = None) -> dict[str, QuantResult]:
         """Several Linears on one grid, {name: result}: jobs[j] are the (name, weight) pairs that read the input
         accs[j] observed (one Hessian, one factorisation); the GPTQ jobs run in one batched column loop
-        (quant.gptq.gptq_batch). Records as _quantize describes."""
+        (quant.gptq.gptq_batch). `metric`: the output directions the later routers read, for Linears that write
+        the residual stream (router_metric). Records as _quantize describes."""
         t0 = time.perf_counter()
         out: dict[str, QuantResult] = {}
         gptq_jobs, gptq_names = [], []
@@ -254,7 +259,8 @@ class Pipeline:
                         res = rtn(w, grid)
                     out[name] = res
                 continue
-            gptq_jobs.append(GPTQJob(ws, acc.hessian, acc.n_tokens))
+            gptq_jobs.append(GPTQJob(ws, acc.hessian, acc.n_tokens, out_metrics=None if metric is None else
+                                     [metric] * len(ws)))
             gptq_names.append([name for name, _ in pairs])
         if gptq_jobs:
             for names, results in zip(gptq_names, gptq_batch(gptq_jobs, grid, self.opt.gptq)):
@@ -272,8 +278,7 @@ class Pipeline:
         rec["seconds"] = seconds
         rec["grid"] = describe_grid(grid if not expert_fallback else mse_variant(grid))
         if rec.get("loss_kind") == "hessian" and acc is not None:
-            w = weight.to(self.device, torch.float32)
-            ref = hessian_loss(w, acc.hessian.to(w.device))
+            ref = output_energy(weight.to(self.device, torch.float32), acc.hessian.to(self.device))
             rec["rel_loss"] = rec["loss"] / ref if ref > 0 else None
             for k in ("gptq_loss", "rtn_loss"):
                 if rec.get(k) is not None:
@@ -504,9 +509,14 @@ class Pipeline:
             by_grid.setdefault(g, []).append((obs, names))
         for g, group in by_grid.items():
             grid = grids[p + group[0][1][0]]
-            got = self._quantize_jobs([[(by_name[p + n].name, w.get(n)) for n in names] for _, names in group], grid,
-                                      [accs.get(obs) for obs, _ in group])
-            results.update({n[len(p):]: r for n, r in got.items()})
+            for writes, part in ((True, [g for g in group if g[1][0] in RESIDUAL_WRITERS]),
+                                 (False, [g for g in group if g[1][0] not in RESIDUAL_WRITERS])):
+                if not part:
+                    continue
+                got = self._quantize_jobs([[(by_name[p + n].name, w.get(n)) for n in names] for _, names in part],
+                                          grid, [accs.get(obs) for obs, _ in part],
+                                          metric=self.router_metric(i, grid) if writes else None)
+                results.update({n[len(p):]: r for n, r in got.items()})
         for n in locals_:
             spec, grid = by_name[p + n], grids.get(p + n)
             if grid is None:
@@ -693,6 +703,32 @@ class Pipeline:
                     acc = acc + part
                 out.put(sl, acc.view(h.shape))
 
+    def router_metric(self, i: int, grid: Grid) -> torch.Tensor | None:
+        """For a Linear of layer i that writes the residual stream (wo, the down projections): the directions of
+        its output that the later MoE layers' routers read, A = [router_l * ffn_norm_l for MoE layers l > i]
+        ([k, hidden]; the router scores norm(h) * ffn_norm). GPTQ's coordinate descent then also weighs
+        |A dW x|^2 (quant.gptq.coordinate_descent): routing flips carry most of a quantized MoE's KL divergence
+        (docs/quality.md). Only the quadratic form A^T A matters, so a tall A is cut to its top 64 singular
+        directions (S V^T), which keeps the descent's per-column work small at Scout's 47 x 16 router rows.
+        None: GPTQ off, --no-router-aware, a grid without the descent (GGUF, fp8, more than 4 bits), or no later
+        MoE layer."""
+        opt, cfg = self.opt, self.cfg
+        if not (opt.router_aware and opt.method == "gptq" and isinstance(grid, IntGrid)
+                and grid.scheme.bits <= opt.router_max_bits):
+            return None
+        cache = self.__dict__.setdefault("_router_metrics", {})
+        if i not in cache:
+            rows = [self.source.read(f"layers.{l}.router").float() * self.source.read(f"layers.{l}.ffn_norm").float()
+                    for l in range(i + 1, cfg.num_layers) if cfg.is_moe(l)]
+            a = torch.cat(rows) if rows else None
+            if a is not None and a.shape[0] > 64:
+                _, sv, vh = torch.linalg.svd(a.double(), full_matrices=False)
+                a = (sv[:64, None] * vh[:64]).float()
+            cache.clear()  # one layer's metric at a time (the next layer's is a sub-stack of this one)
+            cache[i] = a
+        a = cache[i]
+        return None if a is None else a.to(self.device)
+
     def _experts_per_loop(self, n: int) -> int:
         """Routed experts quantized in one batched GPTQ loop: --gptq-experts, or on a GPU the whole chunk (the
         per-column work is one kernel for all of them), on a CPU one (batching saves no arithmetic there, and
@@ -727,8 +763,10 @@ class Pipeline:
         kinds_in = [["gate", "up"]] if repr(egrids["gate"]) == repr(egrids["up"]) else [["gate"], ["up"]]
         for kinds in kinds_in + [["down"]]:
             accs = acc_dn if kinds == ["down"] else acc_in
+            layer = especs[kinds[0]].layer
             got = self._quantize_jobs([[(especs[k].expert_name(e), wes[e][k]) for k in kinds] for e in calibrated],
-                                      egrids[kinds[0]], [accs.get(e) for e in calibrated])
+                                      egrids[kinds[0]], [accs.get(e) for e in calibrated],
+                                      metric=self.router_metric(layer, egrids["down"]) if kinds == ["down"] else None)
             for e in calibrated:
                 for k in kinds:
                     out[e][k] = got.pop(especs[k].expert_name(e))
@@ -862,6 +900,18 @@ class Pipeline:
             "warnings": self.warnings,
             "seconds": round(seconds, 3),
         }
+
+
+def output_energy(w: torch.Tensor, h: torch.Tensor, sample_rows: int = 2048) -> float:
+    """tr(W H W^T) / 2, the unquantized output energy the records' relative losses divide by. Rows beyond
+    `sample_rows` are sampled (every k-th row, scaled up): the sum over 2048 of a tall matrix's rows estimates the
+    whole to well under 1 % while costing a tenth of a Scout expert's [rows x in x in] product."""
+    rows = w.shape[0]
+    if rows <= 2 * sample_rows:
+        return hessian_loss(w, h)
+    step = rows // sample_rows
+    part = w[::step]
+    return hessian_loss(part, h) * rows / part.shape[0]
 
 
 def expert_budget(cfg: Llama4Config, budget_bytes: int) -> int:

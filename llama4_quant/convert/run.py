@@ -52,6 +52,8 @@ class ConvertOptions:
     dtype: str = "auto"
     batch_size: int = 4
     hessian_memory: int = 8 << 30
+    gptq_experts: int = 0  # routed experts per batched GPTQ loop (0: auto)
+    router_aware: bool = True  # GPTQ, int grids <= 4 bits: coordinate descent against the later routers
     force: bool = False
     name: str | None = None  # GGUF general.name (default: the model directory's name)
     # per-tensor GGUF types / per-module safetensors schemes for a budget (convert/fit.py), or replayed from a plan
@@ -181,7 +183,8 @@ def _run(o: ConvertOptions, fmt, scheme: str, method: str, warnings: list[str], 
                             gptq=GPTQConfig(damp=o.damp, act_order=o.act_order, shrink=o.shrink),
                             moe_calibration=o.moe_calibration, min_expert_tokens=o.min_expert_tokens, device=dev,
                             dtype=resolve_dtype(o.dtype, dev), batch_size=o.batch_size,
-                            hessian_budget_bytes=o.hessian_memory)
+                            hessian_budget_bytes=o.hessian_memory, gptq_experts=o.gptq_experts,
+                            router_aware=o.router_aware)
     fmt.configure(exporter, o, method, info, is_hub_id=source is None and _is_hub_id(o.model))
     if ranks.active and method != "gptq":
         raise Llama4QuantError(f"--method {method} has no calibration to share out: run it in one process "

@@ -62,6 +62,10 @@ class FP8Grid:
         """float8_e4m3fn codes of w (already divided by the scale, saturated)."""
         return (w.to(torch.float32) / params.row_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
+    def column_params(self, params: FP8Params, offset: int) -> FP8Params:
+        """Params that round one column at `offset` of the group with offset 0 (batched act-order GPTQ): the same."""
+        return params
+
     def quantize(self, w: torch.Tensor, params: FP8Params, offset: int = 0) -> torch.Tensor:
         return fp8_round(w.to(torch.float32) / params.row_scale) * params.row_scale
 

@@ -219,8 +219,9 @@ def gptq_batch(jobs: list[GPTQJob], grid: Grid, config: GPTQConfig = GPTQConfig(
     The column loop runs once for all weights of all jobs of one layout (the same weight shapes: batched matrix
     products over the jobs' own factors, one rounding call per column for every row of every weight), so a MoE
     layer's experts cost one loop, not one per expert. Per weight, everything is what gptq() of that weight alone
-    computes, up to float rounding order. Jobs of other layouts, and act-order jobs (each has its own column
-    order), get loops of their own.
+    computes, up to float rounding order. Jobs of other layouts get loops of their own; so do act-order jobs (each
+    has its own column order) unless the grid can give one column's params (`column_params(params, offset)`,
+    which every grid here has).
     """
     results: list[list[QuantResult | None]] = [[None] * len(j.weights) for j in jobs]
     ready: list[tuple[int, _Prepared]] = []
@@ -232,7 +233,8 @@ def gptq_batch(jobs: list[GPTQJob], grid: Grid, config: GPTQConfig = GPTQConfig(
             ready.append((ji, prep))
     batches: dict[Any, list[tuple[int, _Prepared]]] = {}
     for ji, prep in ready:
-        key = (ji,) if config.act_order else (prep.layout, str(prep.device), prep.static, prep.bs)
+        alone = config.act_order and not callable(getattr(prep.fit_grid, "column_params", None))
+        key = (ji,) if alone else (prep.layout, str(prep.device), prep.static, prep.bs)
         batches.setdefault(key, []).append((ji, prep))
     for batch in batches.values():
         preps = [p for _, p in batch]
@@ -339,8 +341,9 @@ def _add_items(prep: _Prepared, w0s: list[torch.Tensor], asym: torch.Tensor | No
         ref = w0  # what every loss is measured against: W, or W* under asymmetric calibration
         if asym is not None:
             ref = w0 + torch.linalg.solve(prep.hd_asym, (w0 @ asym.to(w0)).t()).t()
-        w = ref.clone()
-        if config.zero_dead_columns:
+        w = ref  # GPTQ's start weights (the pass works on its own transposed copy)
+        if config.zero_dead_columns and prep.dead.numel():
+            w = ref.clone()
             w[:, prep.dead] = 0.0
         fitted_on = w if (asym is not None or (config.zero_dead_columns and prep.dead.numel())) else w0
         item = _Item(w0, w, ref, fitted_on, len(prep.slices))
@@ -420,7 +423,8 @@ def _batched_pass(preps: list[_Prepared], ws: list[torch.Tensor], params: list[l
         j, s = divmod(k, per_job)
         wT[j, :, offsets[s]:offsets[s + 1]] = w.t()
     hinv = p0.hinv.unsqueeze(0) if jobs == 1 else torch.stack([p.hinv for p in preps])
-    qT, wtT, loss = _gptq_pass(wT, hinv, grid, params, [p.importance for p in preps], p0.perm, p0.group, p0.bs,
+    perm = None if p0.perm is None else (p0.perm if jobs == 1 else torch.stack([p.perm for p in preps]))
+    qT, wtT, loss = _gptq_pass(wT, hinv, grid, params, [p.importance for p in preps], perm, p0.group, p0.bs,
                                rows, keep_wt)
     del wT, hinv
     for k, it in enumerate(out):
@@ -430,6 +434,21 @@ def _batched_pass(preps: list[_Prepared], ws: list[torch.Tensor], params: list[l
         it.wt = wtT[j, :, sl].t().contiguous() if wtT is not None else None
         it.loss = float(loss[j, sl].sum())
         it.params = params[k]
+
+
+def _h0_loss(prep: _Prepared, it: _Item) -> float:
+    """tr((W - Q) H0 (W - Q)^T) / 2 on the calibration Hessian H0 from the loss GPTQ's pass accumulated on its
+    damped, shrunk Hessian Hd = (1 - a) H' + a diag(H') + d I (H': H0 with 1 on dead diagonals), without another
+    [rows x in x in] product: with D = w - q, D Hd D^T = (1 - a) D H' D^T + sum_j (a H'_jj + d) D_j^2 and
+    D H' D^T = D H0 D^T + sum_dead D_j^2. W* and GPTQ's start weights differ only in dead columns, where H0 is 0.
+    Agrees with the direct product to about 1e-6 (relative; tests/quant/test_quant_gptq_batch.py)."""
+    d2 = (it.w - it.q).double().square()
+    hp = prep.h0.diagonal().double().clone()
+    hp[prep.dead] = 1.0
+    delta = prep.damp * float(prep.h.diagonal().mean())
+    col = d2.sum(0)
+    full = (2 * it.loss - float((col * (prep.alpha * hp + delta)).sum())) / (1 - prep.alpha)
+    return max(0.0, (full - float(col[prep.dead].sum())) / 2)
 
 
 def _finish(prep: _Prepared, job: GPTQJob, grid: Grid, config: GPTQConfig) -> list[QuantResult]:
@@ -443,7 +462,7 @@ def _finish(prep: _Prepared, job: GPTQJob, grid: Grid, config: GPTQConfig) -> li
         sweeps = config.cd_sweeps if config.cd_sweeps is not None else (2 if metric is not None else 0)
         if sweeps and isinstance(grid, IntGrid):
             q, moved = coordinate_descent(it.ref, q, params, prep.h, grid, sweeps, metric, config.metric_weight)
-        loss, kind = weight_loss(it.ref, q, prep.h0)
+        loss, kind = weight_loss(it.ref, q, prep.h0) if moved else (_h0_loss(prep, it), "hessian")
         reason = "act-order, static groups" if config.act_order else ""
         if moved:
             reason = (reason + "; " if reason else "") + f"{moved} codes moved by coordinate descent"
@@ -468,11 +487,13 @@ def _finish(prep: _Prepared, job: GPTQJob, grid: Grid, config: GPTQConfig) -> li
 
 @torch.no_grad()
 def coordinate_descent(ref: torch.Tensor, q: torch.Tensor, params: list[IntParams], h: torch.Tensor, grid: IntGrid,
-                       sweeps: int, metric: torch.Tensor | None = None, weight: float = 1.0) -> tuple[torch.Tensor, int]:
+                       sweeps: int, metric: torch.Tensor | None = None, weight: float = 1.0,
+                       block: int = 64) -> tuple[torch.Tensor, int]:
     """Greedy +-1 code moves, column by column (all rows at once), that lower
     L = tr(D H D^T) + lam tr(A D H D^T A^T), D = q - ref, A = `metric` [k, rows] (lam = `weight` x the ratio of the
     two terms at the start, so that they begin equal; no metric: lam = 0). A move of entry (r, j) by d changes L by
-    2 d (G_rj + lam A_r . K_j) + d^2 H_jj (1 + lam |A_r|^2) with G = D H, K = A G, both kept up to date.
+    2 d (G_rj + lam A_r . K_j) + d^2 H_jj (1 + lam |A_r|^2) with G = D H, K = A G, both kept up to date: exactly
+    within a block of `block` columns, for the other columns by one product per block.
     Returns (q, number of moves)."""
     rows, cols = q.shape
     sl = group_slices(cols, grid.group_size)
@@ -493,36 +514,56 @@ def coordinate_descent(ref: torch.Tensor, q: torch.Tensor, params: list[IntParam
     moved = 0
     for _ in range(sweeps):
         n0 = moved
-        for j in range(cols):
-            s = step[:, j]
-            lin = g[:, j] if a is None else g[:, j] + lam * (a.t() @ k[:, j])
-            quad = s * s * hd[j] * (1 + a_norm)
-            up = 2 * s * lin + quad
-            down = -2 * s * lin + quad
-            go_up = (up < down) & (up < 0) & (codes[:, j] < hi)
-            go_down = ~go_up & (down < 0) & (codes[:, j] > lo)
-            idx = torch.nonzero(go_up | go_down).squeeze(1)
-            if not idx.numel():
-                continue
-            d = torch.where(go_up[idx], s[idx], -s[idx])
-            if a is not None and idx.numel() > 1:
-                # the metric term couples the rows: moves that each help can overshoot together; keep the most
-                # helpful half until the joint change is a decrease
-                gain = torch.minimum(up, down)[idx]
-                keep = torch.argsort(gain)
-                while keep.numel() > 1:
+        for b0 in range(0, cols, block):
+            # G and K are kept exact for the block's own columns move by move (gb, kb); the moves' effect on the
+            # other columns is one product per block (GPTQ's lazy batch updates), not a row update per move
+            b1 = min(cols, b0 + block)
+            gb = g[:, b0:b1].clone()
+            kb = k[:, b0:b1].clone() if a is not None else None
+            hb = h[b0:b1, b0:b1]
+            moves = torch.zeros(rows, b1 - b0, dtype=q.dtype, device=q.device)
+            for j in range(b0, b1):
+                jj = j - b0
+                s = step[:, j]
+                lin = gb[:, jj] if a is None else gb[:, jj] + lam * (a.t() @ kb[:, jj])
+                quad = s * s * hd[j] * (1 + a_norm)
+                up = 2 * s * lin + quad
+                down = -2 * s * lin + quad
+                go_up = (up < down) & (up < 0) & (codes[:, j] < hi)
+                go_down = ~go_up & (down < 0) & (codes[:, j] > lo)
+                idx = torch.nonzero(go_up | go_down).squeeze(1)
+                if not idx.numel():
+                    continue
+                d = torch.where(go_up[idx], s[idx], -s[idx])
+                if a is not None and lam and idx.numel() > 1:
+                    # the metric term couples the rows: moves that each help can overshoot together; keep the most
+                    # helpful half (then quarter, ...) until the joint change is a decrease: every prefix of the
+                    # moves sorted by gain at once, from cumulative sums
+                    gain = torch.minimum(up, down)[idx]
+                    keep = torch.argsort(gain)
                     ii, dd = idx[keep], d[keep]
-                    cross = float((a[:, ii] @ dd).square().sum() - (a_norm[ii] / lam * dd * dd).sum()) if lam else 0.0
-                    if float(gain[keep].sum()) + lam * float(hd[j]) * cross < 0:
-                        break
-                    keep = keep[: keep.numel() // 2]
-                idx, d = idx[keep], d[keep]
-            q[idx, j] += d
-            codes[idx, j] += torch.sign(d)
-            g[idx] += d[:, None] * h[j][None, :]
-            if a is not None:
-                k += (a[:, idx] @ d)[:, None] * h[j][None, :]
-            moved += int(idx.numel())
+                    n = ii.numel()
+                    lens = [n]
+                    while lens[-1] > 1:
+                        lens.append(lens[-1] // 2)
+                    lens = torch.tensor(lens[:-1], device=q.device) - 1  # prefix ends tested; length 1 needs no test
+                    joint = (a[:, ii] * dd).cumsum(1)[:, lens].square().sum(0)
+                    own = (a_norm[ii] / lam * dd * dd).cumsum(0)[lens]
+                    change = gain[keep].cumsum(0)[lens] + lam * hd[j] * (joint - own)
+                    ok = torch.nonzero(change < 0)
+                    m = int(lens[ok[0, 0]]) + 1 if ok.numel() else 1
+                    idx, d = ii[:m], dd[:m]
+                q[idx, j] += d
+                codes[idx, j] += torch.sign(d)
+                moves[idx, jj] += d
+                gb[idx] += d[:, None] * hb[jj][None, :]
+                if a is not None:
+                    kb += (a[:, idx] @ d)[:, None] * hb[jj][None, :]
+                moved += int(idx.numel())
+            if bool(moves.any()):
+                g.addmm_(moves, h[b0:b1])
+                if a is not None:
+                    k.addmm_(a @ moves, h[b0:b1])
         if moved == n0:
             break
     if moved:  # exactly what the codes dequantize to (finalize recovers them)
@@ -578,11 +619,18 @@ def _gptq_pass(wT: torch.Tensor, hinv: torch.Tensor, grid: Grid, params: list[li
     offsets = [sum(rows[:k]) for k in range(S + 1)]
     item_rows = list(rows) * J
     permuted = order is not None
-    w = wT.clone()
-    if permuted:
-        w = w[:, order]
+    per_job = permuted and order.dim() == 2 and J > 1 and not bool((order == order[:1]).all())
+    if permuted and order.dim() == 2 and not per_job:
+        order = order[0]
+    if per_job:  # act-order jobs in one loop: each its own column order, params picked per job for every column
+        w = torch.stack([wT[j, order[j]] for j in range(J)])
+        job_columns = order.tolist()
+        columns = job_columns[0]
+    elif permuted:
+        w = wT[:, order]
         columns = order.tolist()
     else:
+        w = wT.clone()
         columns = list(range(C))
     qT = torch.empty_like(w)
     wtT = torch.empty_like(w) if keep_wt else None
@@ -600,19 +648,27 @@ def _gptq_pass(wT: torch.Tensor, hinv: torch.Tensor, grid: Grid, params: list[li
         for j1 in range(0, n, sub):
             j2 = min(j1 + sub, n)
             for i in range(j1, j2):
-                c = columns[i1 + i]
-                g, offset = divmod(c, group)
-                if g not in stacked:
-                    for it, ps in enumerate(params):
-                        if ps[g] is None:
-                            j, s = divmod(it, S)
-                            cur = w[j, i1 + i: i1 + i + group, offsets[s]:offsets[s + 1]].t()
-                            ps[g] = grid.fit(cur, None if importance is None else importance[j][c:c + group])
-                    stacked[g] = _stack_rows([ps[g] for ps in params], item_rows)
                 col = W1[:, i]
+                if per_job:
+                    picked = []
+                    for j in range(J):
+                        g, offset = divmod(job_columns[j][i1 + i], group)
+                        picked += [grid.column_params(params[j * S + s][g], offset) for s in range(S)]
+                    qc = grid.quantize(col.reshape(J * N, 1), _stack_rows(picked, item_rows), 0).view(J, N)
+                else:
+                    c = columns[i1 + i]
+                    g, offset = divmod(c, group)
+                    if g not in stacked:
+                        for it, ps in enumerate(params):
+                            if ps[g] is None:
+                                j, s = divmod(it, S)
+                                cur = w[j, i1 + i: i1 + i + group, offsets[s]:offsets[s + 1]].t()
+                                imp = importance[j]
+                                ps[g] = grid.fit(cur, None if imp is None else imp[c:c + group])
+                        stacked[g] = _stack_rows([ps[g] for ps in params], item_rows)
+                    qc = grid.quantize(col.reshape(J * N, 1), stacked[g], offset).view(J, N)
                 if keep_wt:
                     wtT[:, i1 + i] = col
-                qc = grid.quantize(col.reshape(J * N, 1), stacked[g], offset).view(J, N)
                 qT[:, i1 + i] = qc
                 e = E1[:, i]
                 torch.sub(col, qc, out=e)
@@ -624,7 +680,12 @@ def _gptq_pass(wT: torch.Tensor, hinv: torch.Tensor, grid: Grid, params: list[li
         loss += E1.square().sum(1, dtype=torch.float64)
         if i2 < C:
             w[:, i2:].baddbmm_(hinv[:, i1:i2, i2:].transpose(1, 2), E1, alpha=-1)
-    if permuted:
+    if per_job:
+        inv = torch.argsort(order, dim=1)
+        qT = torch.stack([qT[j, inv[j]] for j in range(J)])
+        if keep_wt:
+            wtT = torch.stack([wtT[j, inv[j]] for j in range(J)])
+    elif permuted:
         inv = torch.argsort(order)
         qT = qT[:, inv]
         if keep_wt:

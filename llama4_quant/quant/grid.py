@@ -145,6 +145,10 @@ class IntGrid:
             x = x + params.zero_point
         return torch.clamp(torch.round(x), self.scheme.qmin, self.scheme.qmax)
 
+    def column_params(self, params: IntParams, offset: int) -> IntParams:
+        """Params that round one column at `offset` of the group with offset 0 (batched act-order GPTQ): the same."""
+        return params
+
     def quantize(self, w: torch.Tensor, params: IntParams, offset: int = 0) -> torch.Tensor:
         q = self.codes(w, params)
         if params.zero_point is not None:

@@ -172,7 +172,7 @@ def test_pluggable_subblock_grid(act_order: bool) -> None:
     assert _output_error(w, res.weight, x) < 0.85 * _output_error(w, rtn(w, grid).weight, x)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_gptq_on_cuda_follows_device() -> None:
     w, x, acc = _problem(10)
     grid = IntGrid(IntScheme(4, True, 128))

@@ -81,12 +81,17 @@ def test_empty_and_failed_jobs_fall_back_without_stopping_the_batch() -> None:
     assert res[1][0].record.method == "rtn" and "empty Hessian" in res[1][0].record.reason
 
 
-def test_act_order_jobs_in_a_batch() -> None:
-    grid = IntGrid(IntScheme(4, True, 64))
+@pytest.mark.parametrize("name", list(GRIDS))
+def test_act_order_jobs_in_one_loop(name: str) -> None:
+    """Each job visits its columns in its own order; the loop picks every job's own column params."""
+    grid = GRIDS[name]()
     cfg = GPTQConfig(act_order=True)
-    jobs = [GPTQJob([_weight(e, 32, 256)], _hessian(e, 256)[0], 2048) for e in range(2)]
+    jobs = [GPTQJob([_weight(e, 32, 256), _weight(20 + e, 32, 256)], _hessian(e, 256)[0], 2048) for e in range(3)]
+    orders = [torch.argsort(j.hessian.diagonal(), descending=True) for j in jobs]
+    assert not torch.equal(orders[0], orders[1])
     for job, res in zip(jobs, gptq_batch(jobs, grid, cfg)):
-        _same(res[0], gptq(job.weights[0], job.hessian, grid, cfg, 2048))
+        for w, r in zip(job.weights, res):
+            _same(r, gptq(w, job.hessian, grid, cfg, 2048))
 
 
 @pytest.mark.parametrize("name", ["int4 g64", "q4_k"])
@@ -122,3 +127,20 @@ def test_hessian_loss_is_the_full_product(rows: int, cols: int) -> None:
     full = float(((d.double() @ h.double()) * d.double()).sum()) / 2
     assert hessian_loss(d, h) == pytest.approx(full, rel=1e-5)
     assert hessian_loss(d, h, blocks=1) == pytest.approx(full, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", list(GRIDS))
+@pytest.mark.parametrize("tokens,dead", [(4096, 0), (512, 3)])
+def test_recorded_loss_is_the_calibration_hessian_loss(name: str, tokens: int, dead: int) -> None:
+    """The record's loss comes from GPTQ's own pass (no extra product): it is the loss on the calibration Hessian,
+    shrinkage, damping and dead columns undone."""
+    grid = GRIDS[name]()
+    _, x = _hessian(8, 256, tokens)
+    x[:, :dead] = 0
+    acc = HessianAccumulator(256)
+    acc.add(x)
+    w = _weight(8, 64, 256)
+    for act_order in (False, True):
+        res = gptq(w, acc.hessian, grid, GPTQConfig(act_order=act_order, rtn_guard=False), n_tokens=tokens)
+        assert res.record.method == "gptq" and res.record.dead_columns == dead
+        assert res.record.loss == pytest.approx(weight_loss(w, res.weight, acc.hessian)[0], rel=1e-5)

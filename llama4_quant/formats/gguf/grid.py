@@ -50,6 +50,14 @@ class FittedBlock:
         self.min = torch.from_numpy(np.ascontiguousarray(params.min)).to(device)
 
 
+class ColumnBlock:
+    """One column's decoded scale and min ([rows, 1] each), as BlockGrid.quantize reads a FittedBlock."""
+
+    def __init__(self, scale: torch.Tensor, min_: torch.Tensor):
+        self.scale = scale
+        self.min = min_
+
+
 class BlockGrid:
     """Grid of one GGML block type for `quant.gptq.gptq` / `quant.rtn.rtn`."""
 
@@ -82,6 +90,12 @@ class BlockGrid:
             if bool(torch.isfinite(imp).all()) and float(imp.sum()) > 0:
                 imatrix = imp.numpy()
         return FittedBlock(gq.block_params(w.detach().float().cpu(), self.qtype, imatrix), w.device)
+
+    def column_params(self, params: FittedBlock, offset: int) -> "ColumnBlock":
+        """The scale/min of the sub-block holding column `offset`, for quantize(column, ..., 0) (batched act-order
+        GPTQ picks every job's own column's params and rounds them in one call)."""
+        g = offset // self._sub
+        return ColumnBlock(params.scale[:, g:g + 1], params.min[:, g:g + 1])
 
     def quantize(self, w: torch.Tensor, params: FittedBlock, offset: int = 0) -> torch.Tensor:
         """Columns `offset..` of the group onto its grid: the float32 ops of `gguf_quants.quantize_with_params`
@@ -498,6 +512,10 @@ class RefGrid:
         packed = quantize(x, self.qtype)
         values = torch.from_numpy(np.asarray(dequantize(packed, self.qtype), dtype=np.float32).reshape(x.shape))
         return FixedParams(packed, values.to(w.device))
+
+    def column_params(self, params: FixedParams, offset: int) -> FixedParams:
+        """Column `offset`'s fixed values, for quantize(column, ..., 0) (batched act-order GPTQ)."""
+        return FixedParams(None, params.values[:, offset:offset + 1])
 
     def quantize(self, w: torch.Tensor, params: FixedParams, offset: int = 0) -> torch.Tensor:
         return params.values[:, offset:offset + w.shape[1]].to(w.device)

@@ -1,0 +1,69 @@
+"""The pipeline's batched GPTQ: routed experts in one column loop (--gptq-experts), gate/up and q/k/v sharing a
+factor, give the artifact one-at-a-time GPTQ gives, up to float rounding order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from support.convert import safetensors as run_convert
+
+
+def _stored(out: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for f in sorted(set(index.values())):
+        with safe_open(str(out / f), framework="pt") as h:
+            for k in h.keys():
+                tensors[k] = h.get_tensor(k)
+    return tensors
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "fp8-dynamic"])
+def test_batched_experts_give_the_same_artifact(tiny_mm, tmp_path, scheme):
+    kw = dict(scheme=scheme, method="gptq", calib=str(tiny_mm / "calib.txt"), calib_samples=6, calib_seqlen=64,
+              device="cpu", targets=("experts", "shared", "attn"))
+    one, _ = run_convert(str(tiny_mm), str(tmp_path / "one"), gptq_experts=1, **kw)
+    many, _ = run_convert(str(tiny_mm), str(tmp_path / "many"), gptq_experts=4, **kw)
+    a, b = _stored(tmp_path / "one"), _stored(tmp_path / "many")
+    assert set(a) == set(b)
+    codes = [k for k in a if k.endswith(("weight_packed", "weight")) and ".experts." in k]
+    assert codes, "the routed experts are in the artifact"
+    differ = total = 0
+    for k in a:
+        x, y = a[k], b[k]
+        assert x.shape == y.shape and x.dtype == y.dtype, k
+        if ".experts." in k or ".self_attn." in k or ".shared_expert." in k:
+            differ += int((x.view(torch.uint8) != y.view(torch.uint8)).sum()) if x.is_floating_point() else int(
+                (x != y).sum())
+            total += x.numel()
+        else:
+            assert torch.equal(x, y), k  # norms, router, embeddings: untouched by GPTQ
+    assert differ <= 0.01 * total, (differ, total)
+
+
+def test_router_aware_descent_on_residual_writers(tiny_mm, tmp_path, monkeypatch):
+    """w4a16 GPTQ steers the error of the Linears that write the residual stream (experts' and shared down, wo)
+    away from the later routers: their records say how many codes the descent moved; the last layer has no later
+    router, other Linears are left alone, and --no-router-aware turns it off."""
+    import llama4_quant.convert.pipeline as pl
+
+    reports = []
+    real = pl.Pipeline._report
+    monkeypatch.setattr(pl.Pipeline, "_report", lambda self, *a: reports.append(real(self, *a)) or reports[-1])
+    kw = dict(scheme="w4a16", method="gptq", calib=str(tiny_mm / "calib.txt"), calib_samples=6, calib_seqlen=64,
+              device="cpu", targets=("experts", "shared", "attn"))
+    run_convert(str(tiny_mm), str(tmp_path / "on"), **kw)
+    run_convert(str(tiny_mm), str(tmp_path / "off"), router_aware=False, **kw)
+    on, off = reports[0]["tensors"], reports[1]["tensors"]
+    moved = {k for k, r in on.items() if "moved by coordinate descent" in r.get("reason", "")}
+    writers = {k for k in on if k.startswith("layers.0.") and (k.endswith((".down", ".wo")) or ".down." in k)}
+    assert moved and moved <= writers, (moved, writers)
+    assert not any("coordinate descent" in r.get("reason", "") for r in off.values())
+    assert not any(k.startswith("layers.1.") for k in moved)  # nothing routes after the last layer
+    for k in writers & moved:  # never worse than RTN, with the descent too
+        assert on[k]["loss"] <= on[k]["rtn_loss"] * (1 + 1e-6)
