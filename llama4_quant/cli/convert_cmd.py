@@ -145,8 +145,9 @@ def verify_options(fn):
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
               help="Forward compute dtype (auto: fp32 on CPU, bf16 on CUDA). Hessians are always fp32.")
 @click.option("--batch-size", default=4, show_default=True, help="Calibration sequences per forward batch.")
-@click.option("--hessian-memory", default="8GiB", show_default=True, type=SizeType(),
-              help="Budget for the expert Hessians held at once (experts are processed in chunks that fit).")
+@click.option("--hessian-memory", default=None, type=SizeType(),
+              help="Budget for the expert Hessians (and weights) held at once: experts are processed in chunks that "
+                   "fit. [default: 8GiB on a GPU, 3GiB on a CPU]")
 @click.option("--router-aware/--no-router-aware", default=True, show_default=True,
               help="GPTQ on int grids of at most 4 bits (w4a16): also steer the error of the Linears that write the "
                    "residual stream (wo, down projections) away from what the later routers read (docs/quality.md).")
@@ -188,7 +189,8 @@ def verify_options(fn):
 @handle_errors
 def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seqlen, seed, tokenizer_path, group_size,
                 targets, ignore, moe_calibration, min_expert_tokens, act_order, damp, shrink, observer, device, dtype,
-                batch_size, hessian_memory, router_aware, gptq_experts, max_shard_size, split_max_size, imatrix_file, mmproj, mmproj_type,
+                batch_size, hessian_memory, router_aware, gptq_experts, max_shard_size, split_max_size, imatrix_file,
+                mmproj, mmproj_type,
                 mmproj_only, fit, target_size, target_bpw, fit_schemes, context, reserve, plan_file, plan_only, force,
                 verify,
                 eval_data,

@@ -161,11 +161,11 @@ class PipelineOptions:
     device: str | torch.device = "cpu"
     dtype: torch.dtype = torch.float32  # forward compute dtype
     batch_size: int = 4
-    hessian_budget_bytes: int = 8 << 30
+    hessian_budget_bytes: int | None = None  # None: 8 GiB on a GPU, 3 GiB on a CPU (see chunk_budget)
     spill_bytes: int = DEFAULT_SPILL_BYTES
     gptq_experts: int = 0  # routed experts per batched GPTQ loop; 0: auto (1 on a CPU, the whole chunk on a GPU)
     router_aware: bool = True  # int grids: shape residual writers' error away from the later routers
-    router_max_bits: int = 4  # ... on int grids of at most this many bits (at 8 bits it gained nothing: docs/quality.md)
+    router_max_bits: int = 4  # ... of at most this many bits (at 8 bits it gained nothing: docs/quality.md)
 
     def __post_init__(self) -> None:
         if self.method not in ("gptq", "rtn"):
@@ -390,7 +390,7 @@ class Pipeline:
         def blocks():
             for r0 in starts:
                 block = self.source.read_rows("output", r0, min(rows, r0 + step)).to(self.device, torch.float32)
-                sums["ref"] += hessian_loss(block, acc.hessian)
+                sums["ref"] += output_energy(block, acc.hessian)
                 yield block
 
         methods: list[str] = []
@@ -568,7 +568,7 @@ class Pipeline:
         if len({g is None for g in egrids.values()}) > 1:
             raise Llama4QuantError(f"layer {i}: experts.gate/up/down must be all quantized or all kept")
         quantized = egrids["gate"] is not None
-        chunk = expert_budget(cfg, opt.hessian_budget_bytes)
+        chunk = expert_budget(cfg, chunk_budget(opt.hessian_budget_bytes, self.device))
         if self.ranks.active:  # whole rounds: each rank holds ceil(chunk / N) experts of a chunk, none idles
             chunk = min(E, -(-chunk // self.ranks.world) * self.ranks.world)
         out = None
@@ -713,8 +713,8 @@ class Pipeline:
         None: GPTQ off, --no-router-aware, a grid without the descent (GGUF, fp8, more than 4 bits), or no later
         MoE layer."""
         opt, cfg = self.opt, self.cfg
-        if not (opt.router_aware and opt.method == "gptq" and isinstance(grid, IntGrid)
-                and grid.scheme.bits <= opt.router_max_bits):
+        bits = getattr(grid, "code_bits", None)  # grids whose codes the descent can move: int, GGUF's linear ones
+        if not (opt.router_aware and opt.method == "gptq" and bits and bits <= opt.router_max_bits):
             return None
         cache = self.__dict__.setdefault("_router_metrics", {})
         if i not in cache:
@@ -912,6 +912,16 @@ def output_energy(w: torch.Tensor, h: torch.Tensor, sample_rows: int = 2048) -> 
     step = rows // sample_rows
     part = w[::step]
     return hessian_loss(part, h) * rows / part.shape[0]
+
+
+def chunk_budget(budget_bytes: int | None, device: torch.device) -> int:
+    """--hessian-memory, or its default: 8 GiB on a GPU (a chunk's experts share one batched GPTQ loop there); 3 GiB
+    on a CPU, where every expert in a chunk also keeps its weights and their quantized float32 values on the host
+    until the chunk's output pass (Scout: 2 experts, peak RSS about 1.4 x one layer; 8 GiB took 6 experts and
+    2.4 x one layer)."""
+    if budget_bytes is not None:
+        return budget_bytes
+    return (8 << 30) if device.type == "cuda" else (3 << 30)
 
 
 def expert_budget(cfg: Llama4Config, budget_bytes: int) -> int:

@@ -51,9 +51,10 @@ class ConvertOptions:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 4
-    hessian_memory: int = 8 << 30
+    hessian_memory: int | None = None  # None: 8 GiB on a GPU, 3 GiB on a CPU (pipeline.chunk_budget)
     gptq_experts: int = 0  # routed experts per batched GPTQ loop (0: auto)
-    router_aware: bool = True  # GPTQ, int grids <= 4 bits: coordinate descent against the later routers
+    router_aware: bool = True  # GPTQ: coordinate descent against the later routers (pipeline.router_metric)
+    router_max_bits: int = 4  # ... on grids of at most this many bits per code
     force: bool = False
     name: str | None = None  # GGUF general.name (default: the model directory's name)
     # per-tensor GGUF types / per-module safetensors schemes for a budget (convert/fit.py), or replayed from a plan
@@ -184,7 +185,7 @@ def _run(o: ConvertOptions, fmt, scheme: str, method: str, warnings: list[str], 
                             moe_calibration=o.moe_calibration, min_expert_tokens=o.min_expert_tokens, device=dev,
                             dtype=resolve_dtype(o.dtype, dev), batch_size=o.batch_size,
                             hessian_budget_bytes=o.hessian_memory, gptq_experts=o.gptq_experts,
-                            router_aware=o.router_aware)
+                            router_aware=o.router_aware, router_max_bits=o.router_max_bits)
     fmt.configure(exporter, o, method, info, is_hub_id=source is None and _is_hub_id(o.model))
     if ranks.active and method != "gptq":
         raise Llama4QuantError(f"--method {method} has no calibration to share out: run it in one process "

@@ -145,6 +145,22 @@ class IntGrid:
             x = x + params.zero_point
         return torch.clamp(torch.round(x), self.scheme.qmin, self.scheme.qmax)
 
+    # ---- coordinate descent on codes (quant.gptq.coordinate_descent) --------------------------------
+    @property
+    def code_bits(self) -> int:
+        return self.scheme.bits
+
+    def code_range(self) -> tuple[int, int]:
+        return self.scheme.qmin, self.scheme.qmax
+
+    def code_steps(self, params: IntParams, cols: int) -> torch.Tensor:
+        """[out, cols]: how much one code step moves each weight of the group."""
+        return params.scale.expand(params.scale.shape[0], cols)
+
+    def from_codes(self, codes: torch.Tensor, params: IntParams) -> torch.Tensor:
+        """The values integer codes of a whole group stand for (then quantize() to be exactly on the grid)."""
+        return (codes if params.zero_point is None else codes - params.zero_point) * params.scale
+
     def column_params(self, params: IntParams, offset: int) -> IntParams:
         """Params that round one column at `offset` of the group with offset 0 (batched act-order GPTQ): the same."""
         return params

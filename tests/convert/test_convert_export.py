@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from support.convert import safetensors as run_convert
+from support.convert import stored_tensors
 from llama4_quant.convert.pipeline import Pipeline, PipelineOptions, Selection
 from llama4_quant.model.tensors import tensor_specs
 from llama4_quant.formats.compressed_tensors.reader import QuantizedSource
@@ -36,14 +36,7 @@ def _convert(src: Path, out: Path, **kw):
 
 
 def _stored(out: Path) -> dict[str, torch.Tensor]:
-    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
-    tensors = {}
-    for f in sorted(set(index.values())):
-        with safe_open(str(out / f), framework="pt") as h:
-            for k in h.keys():
-                tensors[k] = h.get_tensor(k)
-    assert set(tensors) == set(index)
-    return tensors
+    return stored_tensors(out)
 
 
 def _ct_decompress(out: Path) -> dict[str, torch.Tensor]:

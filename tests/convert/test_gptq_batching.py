@@ -3,24 +3,11 @@ factor, give the artifact one-at-a-time GPTQ gives, up to float rounding order."
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors import safe_open
 
 from support.convert import safetensors as run_convert
-
-
-def _stored(out: Path) -> dict[str, torch.Tensor]:
-    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
-    tensors = {}
-    for f in sorted(set(index.values())):
-        with safe_open(str(out / f), framework="pt") as h:
-            for k in h.keys():
-                tensors[k] = h.get_tensor(k)
-    return tensors
+from support.convert import stored_tensors
 
 
 @pytest.mark.parametrize("scheme", ["w4a16", "fp8-dynamic"])
@@ -29,7 +16,7 @@ def test_batched_experts_give_the_same_artifact(tiny_mm, tmp_path, scheme):
               device="cpu", targets=("experts", "shared", "attn"))
     one, _ = run_convert(str(tiny_mm), str(tmp_path / "one"), gptq_experts=1, **kw)
     many, _ = run_convert(str(tiny_mm), str(tmp_path / "many"), gptq_experts=4, **kw)
-    a, b = _stored(tmp_path / "one"), _stored(tmp_path / "many")
+    a, b = stored_tensors(tmp_path / "one"), stored_tensors(tmp_path / "many")
     assert set(a) == set(b)
     codes = [k for k in a if k.endswith(("weight_packed", "weight")) and ".experts." in k]
     assert codes, "the routed experts are in the artifact"

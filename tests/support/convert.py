@@ -30,3 +30,17 @@ def safetensors(model, out, **kw) -> tuple[dict, dict]:
     """(the manifest the export wrote, the summary)."""
     summary = convert(model, out, to="safetensors", **kw)
     return json.loads((Path(out) / MANIFEST).read_text()), summary
+
+
+def stored_tensors(out) -> dict:
+    """Every tensor of a safetensors export (all shards of its index), as stored."""
+    from safetensors import safe_open
+
+    index = json.loads((Path(out) / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for f in sorted(set(index.values())):
+        with safe_open(str(Path(out) / f), framework="pt") as h:
+            for k in h.keys():
+                tensors[k] = h.get_tensor(k)
+    assert set(tensors) == set(index)
+    return tensors

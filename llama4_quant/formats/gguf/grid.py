@@ -50,6 +50,10 @@ class FittedBlock:
         self.min = torch.from_numpy(np.ascontiguousarray(params.min)).to(device)
 
 
+_CODE_BITS = {QT.Q2_K: 2, QT.Q3_K: 3, QT.Q4_K: 4, QT.Q5_K: 5, QT.Q6_K: 6, QT.Q4_0: 4, QT.Q4_1: 4, QT.Q5_0: 5,
+              QT.Q5_1: 5, QT.Q8_0: 8}
+
+
 class ColumnBlock:
     """One column's decoded scale and min ([rows, 1] each), as BlockGrid.quantize reads a FittedBlock."""
 
@@ -128,6 +132,28 @@ class BlockGrid:
         v = (w.float() + m) / torch.where(s == 0, torch.ones_like(s), s)
         q = torch.clamp(torch.round(v), self._qmin, self._qmax) + 0.0
         return torch.where(s == 0, torch.zeros_like(q), q)
+
+    # ---- coordinate descent on codes (quant.gptq.coordinate_descent): the linear grids only ----------
+    @property
+    def code_bits(self) -> int | None:
+        """Bits of a code, or None for the table grids (IQ4_NL/IQ4_XS/MXFP4), which offer no descent."""
+        return None if self.qtype in LEVEL_TYPES else _CODE_BITS.get(self.qtype)
+
+    def code_range(self) -> tuple[int, int]:
+        return int(self._qmin), int(self._qmax)
+
+    def code_steps(self, params: FittedBlock, cols: int) -> torch.Tensor:
+        """[rows, cols]: one code step of each column of a group is its sub-block's decoded scale."""
+        idx = torch.div(torch.arange(cols, device=params.scale.device), self._sub, rounding_mode="floor")
+        return params.scale[:, idx]
+
+    def from_codes(self, codes: torch.Tensor, params: FittedBlock) -> torch.Tensor:
+        """The values a whole group's codes decode to (quantize's own float32 ops)."""
+        idx = torch.div(torch.arange(codes.shape[1], device=codes.device), self._sub, rounding_mode="floor")
+        s, m = params.scale[:, idx], params.min[:, idx]
+        if self.qtype in (QT.Q4_1, QT.Q5_1):
+            return s * codes + (-m)
+        return s * codes - m
 
     @property
     def refit_scales(self):
