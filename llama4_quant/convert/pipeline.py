@@ -248,8 +248,10 @@ class Pipeline:
         t0 = time.perf_counter()
         out: dict[str, QuantResult] = {}
         gptq_jobs, gptq_names = [], []
+        by_name: dict[str, tuple[torch.Tensor, HessianAccumulator | None]] = {}
         for pairs, acc in zip(jobs, accs):
             ws = [w.to(self.device, torch.float32) for _, w in pairs]
+            by_name.update({name: (w, acc) for (name, _), w in zip(pairs, ws)})
             if expert_fallback or not (self.opt.method == "gptq" and acc is not None):
                 for (name, _), w in zip(pairs, ws):
                     if expert_fallback:
@@ -266,7 +268,6 @@ class Pipeline:
             for names, results in zip(gptq_names, gptq_batch(gptq_jobs, grid, self.opt.gptq)):
                 out.update(zip(names, results))
         seconds = (time.perf_counter() - t0) / max(1, len(out))
-        by_name = {name: (w, acc) for pairs, acc in zip(jobs, accs) for name, w in pairs}
         for name, result in out.items():
             w, acc = by_name[name]
             self._record(name, w, grid, acc, result, expert_fallback, seconds)
