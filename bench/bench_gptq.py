@@ -5,8 +5,8 @@ and a projection for a whole model.
 
 Random weights with Scout's shapes (gate and up 8192 x 5120 sharing one Hessian, down 5120 x 8192) and Hessians
 from random correlated tokens (`--tokens` routed to each expert), then the library's own batched GPTQ
-(quant.gptq.gptq_batch, convert's config: act-order, and on the int4 grid the scale search and one refine round) on `--experts`
-experts, timed per stage. The matmul rate is measured in the same process: an fp32 [8192 x 5120] @ [5120 x 5120]
+(quant.gptq.gptq_batch, convert's config: act-order, and on the int4 grid the scale search and one refine round)
+on `--experts` experts, timed per stage. The matmul rate is measured in the same process: an fp32 [8192 x 5120] @ [5120 x 5120]
 product, the shape GPTQ's products have.
 
 Executed FLOPs are counted from the shapes (R rows, C columns per Hessian job, passes as GPTQ reports them):
