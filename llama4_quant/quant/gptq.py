@@ -280,7 +280,7 @@ def _prepare(job: GPTQJob, grid: Grid, config: GPTQConfig) -> _Prepared | list[Q
     cols = w0s[0].shape[1]
     if any(w.dim() != 2 or w.shape[1] != cols for w in w0s):
         raise ValueError("the weights of one GPTQ job must be 2-D with the same number of input columns")
-    prep = _factor(job.hessian, job.n_tokens, grid, config, cols, w0s[0].device, job.asym is not None)
+    prep = _factor(job.hessian, job.n_tokens, grid, config, cols, w0s[0].device)
     if isinstance(prep, tuple):
         return _fallback(w0s, grid, prep[0], job.n_tokens, prep[1])
     _add_items(prep, w0s, job.asym, config)
@@ -299,7 +299,7 @@ def _fallback(w0s: list[torch.Tensor], grid: Grid, reason: str, n_tokens: int | 
 
 
 def _factor(hessian: torch.Tensor, n_tokens: int | None, grid: Grid, config: GPTQConfig, cols: int,
-            device: torch.device, asym: bool = False) -> _Prepared | tuple[str, float | None]:
+            device: torch.device) -> _Prepared | tuple[str, float | None]:
     """Everything of a job that depends on its Hessian alone (shrinkage, damping, the inverse Cholesky factor,
     the column importance), or the reason GPTQ falls back to RTN."""
     t0 = time.perf_counter()
@@ -340,10 +340,6 @@ def _factor(hessian: torch.Tensor, n_tokens: int | None, grid: Grid, config: GPT
     if hinv is None:
         return f"Cholesky failed with damping up to {damp:g} of mean diag(H)", damp
     del hp
-    hd = None
-    if asym:
-        hd = h.clone()
-        hd.diagonal().add_(damp * h.diagonal().mean())
 
     fit_grid = _search_grid(grid, config)
     imp_kind = config.fit_importance
@@ -361,8 +357,15 @@ def _factor(hessian: torch.Tensor, n_tokens: int | None, grid: Grid, config: GPT
         perm=order if config.act_order else None, slices=slices, mode=mode,
         refine=config.refine if mode in ("lsq", "refit") else 0, static=static, fit_grid=fit_grid,
         importance=importance, items=[], layout=(), device=device, n_tokens=n_tokens, cols=cols,
-        bs=_block_size(config.block_size, group, cols, static), hd=None, hd_asym=hd,
+        bs=_block_size(config.block_size, group, cols, static), delta=damp * h.diagonal().mean(), hd=None,
     )
+
+
+def _damped(prep: _Prepared) -> torch.Tensor:
+    """The damped Hessian Hd = H + delta I whose inverse's factor GPTQ's passes use (a new [in, in] matrix)."""
+    hd = prep.h.clone()
+    hd.diagonal().add_(prep.delta)
+    return hd
 
 
 def _add_items(prep: _Prepared, w0s: list[torch.Tensor], asym: torch.Tensor | None, config: GPTQConfig) -> None:
@@ -371,7 +374,7 @@ def _add_items(prep: _Prepared, w0s: list[torch.Tensor], asym: torch.Tensor | No
     for w0 in w0s:
         ref = w0  # what every loss is measured against: W, or W* under asymmetric calibration
         if asym is not None:
-            ref = w0 + torch.linalg.solve(prep.hd_asym, (w0 @ asym.to(w0)).t()).t()
+            ref = w0 + torch.linalg.solve(_damped(prep), (w0 @ asym.to(w0)).t()).t()
         w = ref  # GPTQ's start weights (the pass works on its own transposed copy)
         if config.zero_dead_columns and prep.dead.numel():
             w = ref.clone()
@@ -406,8 +409,7 @@ def _run(preps: list[_Prepared], grid: Grid, config: GPTQConfig) -> None:
             cands[id(it)] = []
             if p.mode == "lsq":
                 if p.hd is None:
-                    p.hd = p.h.clone()
-                    p.hd.diagonal().add_(p.damp * p.h.diagonal().mean())
+                    p.hd = _damped(p)
                 np_, q_same, same_loss = grid.refit_scales(it.w, it.q, it.params, p.hd)
                 cands[id(it)].append((q_same, None, np_, same_loss))  # GPTQ's codes on the least-squares scales
             else:
@@ -474,7 +476,7 @@ def _h0_loss(prep: _Prepared, it: _Item) -> float:
     d2 = (it.w - it.q).double().square()
     hp = prep.h0.diagonal().double().clone()
     hp[prep.dead] = 1.0
-    delta = prep.damp * float(prep.h.diagonal().mean())
+    delta = float(prep.delta)
     col = d2.sum(0)
     full = (2 * it.loss - float((col * (prep.alpha * hp + delta)).sum())) / (1 - prep.alpha)
     return max(0.0, (full - float(col[prep.dead].sum())) / 2)
