@@ -10,9 +10,10 @@ on `--experts` experts, timed per stage. The matmul rate is measured in the same
 product, the shape GPTQ's products have.
 
 Executed FLOPs are counted from the shapes (R rows, C columns per Hessian job, passes as GPTQ reports them):
-Hessian accumulation 2 n C^2 per input, factorisation 4/3 C^3 (Cholesky, inverse, Cholesky of the inverse), each
-pass R C^2 (GPTQ's error feedback), a refine round's least squares 3 R C^2, and the record and the RTN guard
-3 x (5/4) R C^2 (three Hessian losses at 5/8 of a full product). `achieved / matmul` is the share of the machine's
+Hessian accumulation 2 n C^2 per input, factorisation C^3 / 3 (one Cholesky: the passes work from the Hessian's
+own factor), each pass R C^2 (GPTQ's error feedback), a refine round's least squares 3 R C^2, and the RTN guard's
+Hessian losses (5/4 R C^2 each, R the rows it measured: 1,024 when its sample decided; guard_flops). The record's
+loss comes from the pass (no product). `achieved / matmul` is the share of the machine's
 matmul rate that the whole GPTQ stage reaches: the issue's bar is 40 %.
 
 Projection: one Scout layer = 16 experts x (gate/up job + down job) + the shared expert (the same shapes) + the
@@ -80,6 +81,21 @@ def grid_for(name: str, kind: str):
     return BlockGrid(QT.Q6_K if kind == "down" else QT.Q4_K)  # q4_k_m's types for experts of its Q6_K layers
 
 
+def guard_flops(rec, rows: int, cols: int) -> float:
+    """The RTN guard's Hessian-loss products (5/8 of a [rows x cols x cols] product each, 2 flops a multiply-add):
+    on the sampled rows (rtn_rows) when that decided; else plain RTN on all rows, and when GPTQ's win was not clear
+    (below CLEAR_WIN x plain RTN's loss) the candidates on GPTQ's grid too (one, two after a refine round)."""
+    from llama4_quant.quant import gptq as G
+
+    per_row = 1.25 * cols * cols
+    if getattr(rec, "rtn_rows", None):
+        return rec.rtn_rows * per_row
+    if rec.rtn_loss is None:
+        return 0.0
+    clear = rec.gptq_loss is not None and rec.gptq_loss < getattr(G, "CLEAR_WIN", 0.0) * rec.rtn_loss
+    return rows * per_row * (1 if clear else 1 + (2 if "passes" in rec.reason else 1))
+
+
 def _gptq_batch():
     """The library's gptq_batch, or (on a checkout from before it, for a before/after run) GPTQ weight by weight."""
     try:
@@ -127,8 +143,9 @@ def run_grid(name: str, experts: int, tokens: int, device: torch.device, rate: f
         passes = [r.record.reason.count("->") + 1 if "passes" in r.record.reason else 1 for rs in results for r in rs]
         n_pass = max(passes)
         refine = n_pass - 1
-        flops = experts * (2 * tokens * c * c + 4 / 3 * c ** 3 + n_pass * r_total * c * c + refine * 3 * r_total * c * c
-                           + 3 * 1.25 * r_total * c * c)
+        flops = experts * (2 * tokens * c * c + c ** 3 / 3 + n_pass * r_total * c * c + refine * 3 * r_total * c * c)
+        flops += sum(guard_flops(r.record, int(w.shape[0]), c) for rs, job in zip(results, jobs)
+                     for r, w in zip(rs, job.weights))
         methods = sorted({r.record.method for rs in results for r in rs})
         row = {"seconds": round(seconds + acc_s, 2), "gptq_seconds": round(seconds, 2),
                "hessian_seconds": round(acc_s, 2), "seconds_per_expert": round((seconds + acc_s) / experts, 2),

@@ -41,6 +41,10 @@ class FP8Grid:
     def group_size(self) -> int | None:
         return self.scheme.block[1] if self.scheme.strategy == "block" else None
 
+    @property
+    def rows_independent(self) -> bool:  # per-tensor and 128 x 128 block scales span rows
+        return self.scheme.strategy == "channel"
+
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> FP8Params:
         w = w.to(torch.float32).abs()
         rows = w.shape[0]

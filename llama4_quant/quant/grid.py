@@ -79,6 +79,8 @@ class IntGrid:
     importance when fit is given one. Ratio 1 is plain min-max, so the search is never worse.
     """
 
+    rows_independent = True  # a row's fit and codes do not depend on the other rows (quant.gptq's sampled guard)
+
     def __init__(
         self,
         scheme: IntScheme,

@@ -23,6 +23,8 @@ class QuantRecord:
     gptq_loss, rtn_loss: GPTQ's loss and the best RTN loss on the same grid when GPTQ ran with its RTN
       guard (whichever is lower is `loss`, the other method lost); None otherwise.
     shrink: the weight of diag(H) in the shrunk Hessian GPTQ solved against (None: not shrunk).
+    rtn_rows: when the RTN guard decided on a sample of rows (GPTQ's exact loss far below RTN's estimate), the
+      rows RTN's loss was measured on; rtn_loss is then the estimate for the whole weight. None: all rows.
     """
 
     method: str
@@ -36,6 +38,7 @@ class QuantRecord:
     gptq_loss: float | None = None
     rtn_loss: float | None = None
     shrink: float | None = None
+    rtn_rows: int | None = None
 
 
 @dataclass
@@ -72,6 +75,22 @@ def hessian_loss(delta: torch.Tensor, h: torch.Tensor, blocks: int = 4) -> float
         g.mul_(delta[:, c0:])
         total += float(g[:, : c1 - c0].sum(dtype=torch.float64)) + 2 * float(g[:, c1 - c0:].sum(dtype=torch.float64))
     return total / 2
+
+
+def row_sample(proxy: torch.Tensor, size: int, top: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A sample of rows for estimating a sum over rows whose terms roughly follow `proxy` [rows]: the `top` rows
+    with the largest proxy (measured exactly: a few giant rows can hold much of the sum), and `size` - `top` of the
+    others evenly spaced in proxy order (a systematic sample over the proxy's whole range). Returns (top rows,
+    sampled rows, scale): the estimate is sum(top) + scale x sum(sampled), scale the ratio of the proxy's sum over
+    all the other rows to its sum over the sampled ones (a ratio estimator: exact when terms are proportional to
+    the proxy)."""
+    order = torch.argsort(proxy, descending=True)
+    first, rest = order[:top], order[top:]
+    k = min(rest.numel(), size - top)
+    picked = rest[((torch.arange(k, device=rest.device) + 0.5) * (rest.numel() / k)).long()]
+    den = float(proxy[picked].sum())
+    scale = float(proxy[rest].sum()) / den if den > 0 else rest.numel() / max(1, k)
+    return first, picked, scale
 
 
 @torch.no_grad()

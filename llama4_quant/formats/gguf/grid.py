@@ -65,6 +65,8 @@ class ColumnBlock:
 class BlockGrid:
     """Grid of one GGML block type for `quant.gptq.gptq` / `quant.rtn.rtn`."""
 
+    rows_independent = True  # a row's fit and codes do not depend on the other rows (quant.gptq's sampled guard)
+
     def __init__(self, qtype: QT, use_importance: bool = True, refit: bool = False):
         qtype = QT(qtype)
         if qtype not in GRID_TYPES:

@@ -1030,6 +1030,8 @@ def quantize_with_params(w: Any, params: BlockParams, col_offset: int = 0) -> An
     if params.qtype in LEVELS:
         out = _nearest_level(w2, params, col_offset)
         return out.reshape(-1) if column else out
+    if hasattr(w2, "detach") and col_offset == 0 and w2.shape[1] == params.cols and w2.shape[1] > 1:
+        return _whole_rows_codes(w2, params)
     s, m = _grid_columns(params, w2.shape[1], col_offset, w2)
     if hasattr(w2, "detach"):
         import torch
@@ -1042,6 +1044,22 @@ def quantize_with_params(w: Any, params: BlockParams, col_offset: int = 0) -> An
         q = np.clip(np.rint(v), params.qmin, params.qmax)
         out = np.where(s == 0, 0, q).astype(np.int16)
     return out.reshape(-1) if column else out
+
+
+def _whole_rows_codes(w: Any, params: BlockParams) -> Any:
+    """quantize_with_params of whole rows of a torch tensor, the same numbers with each group's scale and min
+    broadcast over its columns (the general path gathers them out to [rows, cols] first, and a Scout expert's
+    codes took seconds), in place where it can."""
+    import torch
+
+    rows, cols = w.shape
+    gs = params.group_size
+    s = torch.from_numpy(params.scale).to(w.device).unsqueeze(2)  # [rows, groups, 1]
+    m = torch.from_numpy(params.min).to(w.device).unsqueeze(2)
+    v = w.float().reshape(rows, cols // gs, gs) + m  # a new tensor: w is not changed
+    v.div_(torch.where(s == 0, torch.ones_like(s), s)).round_().clamp_(params.qmin, params.qmax)
+    v.masked_fill_(s == 0, 0.0)
+    return v.to(torch.int16).reshape(rows, cols)
 
 
 def dequantize_codes(codes: Any, params: BlockParams, col_offset: int = 0) -> Any:

@@ -186,6 +186,22 @@ def test_params_codes_pack_roundtrip(qtype: QT, name: str) -> None:
         assert (np.abs(grid - x) <= np.abs(alt - x).min(axis=0) * (1 + 1e-5) + 1e-30).all()
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
+def test_whole_rows_codes_on_torch_are_the_numpy_codes(qtype: QT, name: str) -> None:
+    """Whole rows on a torch tensor take the broadcast path (what the packer of a GPTQ result calls): the same
+    codes as numpy's gathered path, on every case (zero-scale groups, ties: values put exactly on half steps)."""
+    x = CASES[name]
+    p = gq.block_params(x, qtype)
+    g = np.arange(x.shape[1]) // p.group_size
+    halves = (np.floor((x + p.min[:, g]) / np.where(p.scale[:, g] == 0, 1, p.scale[:, g])) + 0.5)
+    ties = (halves * p.scale[:, g] - p.min[:, g]).astype(np.float32)
+    for w in (x, ties):
+        want = gq.quantize_with_params(w, p)
+        got = gq.quantize_with_params(torch.from_numpy(w), p)
+        assert got.dtype == torch.int16 and np.array_equal(got.numpy(), want)
+
+
 @pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
 def test_params_are_the_file_grid(qtype: QT) -> None:
     """Every code in [qmin, qmax] decodes from the packed file to scale*q - min."""
