@@ -315,6 +315,7 @@ class Pipeline:
                 runner = LayerwiseRunner(self.source, self.device, self.opt.dtype, self.opt.batch_size,
                                          keep_experts=False, spill_bytes=self.opt.spill_bytes)
                 store = runner.embed(calib_tokens)
+            self._release_source()  # the embedding table's pages, where a reader maps them
             for i in range(self.cfg.num_layers):
                 self._layer(i, store, grids, by_name)
                 self.exporter.end_layer(i)

@@ -175,20 +175,26 @@ class HFReader(CheckpointReader):
         else:
             begin, end = info["data_offsets"]
             slab = (end - begin) // shape[0]
-            buf = bytearray(slab)
-            view, n = memoryview(buf), 0
-            with open(self.path / fname, "rb", buffering=0) as f:
-                f.seek(data_start + begin + e * slab)
-                while n < slab:
-                    got = f.readinto(view[n:])
-                    if not got:
-                        break
-                    n += got
-            if n != slab:
-                raise CheckpointError(f"{self.path / fname}: short read of {hf_name}[{e}] (truncated file?)")
+            buf = self._pread(fname, data_start + begin + e * slab, slab, f"{hf_name}[{e}]")
             t = torch.frombuffer(buf, dtype=dtype).view(shape[1:])
         self._slab = ((hf_name, e), t)
         return t
+
+    def _pread(self, fname: str, offset: int, nbytes: int, what: str) -> bytearray:
+        """`nbytes` of a shard from `offset`, read into memory of our own (not mapped: no page of the file stays
+        resident in this process after the read)."""
+        buf = bytearray(nbytes)
+        view, n = memoryview(buf), 0
+        with open(self.path / fname, "rb", buffering=0) as f:
+            f.seek(offset)
+            while n < nbytes:
+                got = f.readinto(view[n:])
+                if not got:
+                    break
+                n += got
+        if n != nbytes:
+            raise CheckpointError(f"{self.path / fname}: short read of {what} (truncated file?)")
+        return buf
 
     # -- naming ---------------------------------------------------------------------
     def _hf_name(self, name: str) -> str:
@@ -240,8 +246,24 @@ class HFReader(CheckpointReader):
         return self._raw(self._hf_name(name))
 
     def _read_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 of a 2-D tensor: one contiguous byte range, read with pread (the embeddings and the head are
+        2 GB each at Scout's size: read through the map, every block would stay resident until the next release)."""
         hf = self._hf_name(name)
-        return self._file_of(hf).get_slice(hf)[r0:r1]
+        fname = self.weight_map[hf]
+        self._file_of(hf)  # checks the file holds the tensor
+        if fname not in self._headers:
+            self._headers[fname] = safetensors_header(self.path / fname)
+        header, data_start = self._headers[fname]
+        info = header[hf]
+        dtype, shape = _PREAD_DTYPES.get(info["dtype"]), info["shape"]
+        if dtype is None or len(shape) != 2:
+            return self._file_of(hf).get_slice(hf)[r0:r1]
+        r0, r1 = max(0, min(r0, shape[0])), max(0, min(r1, shape[0]))
+        row = (info["data_offsets"][1] - info["data_offsets"][0]) // shape[0]
+        if r1 <= r0:
+            return torch.empty(0, shape[1], dtype=dtype)
+        buf = self._pread(fname, data_start + info["data_offsets"][0] + r0 * row, (r1 - r0) * row, f"{hf}[{r0}:{r1}]")
+        return torch.frombuffer(buf, dtype=dtype).view(r1 - r0, shape[1])
 
     def _read_expert(self, layer: int, kind: str, e: int) -> torch.Tensor:
         p = f"{self.model_prefix}layers.{layer}.feed_forward.experts."

@@ -16,6 +16,7 @@ from .config import Llama4Config
 from .forward import LayerWeights, Observer, WeightSource, decoder_layer, rms_norm
 
 DEFAULT_SPILL_BYTES = int(os.environ.get("LLAMA4_QUANT_SPILL_BYTES", 4 << 30))
+EMBED_BLOCK_ELEMENTS = 1 << 25  # embed() reads the table's rows in blocks of about this many weights
 
 
 class ActivationStore:
@@ -105,10 +106,30 @@ class LayerwiseRunner:
                 " (tokenizer does not match the model?)"
             )
         store = ActivationStore(N, T, self.cfg.hidden_size, self.spill_bytes)
-        emb = self.source.read("tok_embeddings")
+        read_rows = getattr(self.source, "read_rows", None)
+        if read_rows is None:
+            emb = self.source.read("tok_embeddings")
+            for sl in self.batches(N):
+                store.put(sl, emb[tokens[sl]].float())
+            return store
+        # only the rows the tokens use, a block of the table at a time: memory stays at one block, not the
+        # 202,048 x 5,120 table (2 GB in bf16)
+        flat = tokens.reshape(-1)
+        ids, inverse = torch.unique(flat, return_inverse=True)
+        rows = torch.empty(ids.numel(), self.cfg.hidden_size, dtype=torch.float32)
+        step = max(1, EMBED_BLOCK_ELEMENTS // self.cfg.hidden_size)
+        for k0 in range(0, ids.numel()):
+            if k0 and ids[k0 - 1] // step == ids[k0] // step:
+                continue
+            b0 = int(ids[k0]) // step * step
+            b1 = min(self.cfg.vocab_size, b0 + step)
+            block = read_rows("tok_embeddings", b0, b1)
+            sel = torch.nonzero((ids >= b0) & (ids < b1)).squeeze(1)
+            rows[sel] = block[ids[sel] - b0].float()
+            del block
+        inverse = inverse.view(N, T)
         for sl in self.batches(N):
-            store.put(sl, emb[tokens[sl]].float())
-        del emb
+            store.put(sl, rows[inverse[sl]])
         return store
 
     @contextmanager

@@ -50,6 +50,20 @@ class FittedBlock:
         self.min = torch.from_numpy(np.ascontiguousarray(params.min)).to(device)
 
 
+def _sub_block(params, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Sub-block g's scale and min ([rows, 1]), the divisor quantize uses (1 where the scale is 0), the zero-scale
+    mask and whether any is set; cached on the params object (checked against its scale tensor: a stacked copy
+    shares the cache dict but not the tensor)."""
+    cache = params.__dict__.setdefault("_sub_blocks", {})
+    hit = cache.get(g)
+    if hit is None or hit[0] is not params.scale:
+        s, m = params.scale[:, g:g + 1], params.min[:, g:g + 1]
+        zero = s == 0
+        hit = (params.scale, s, m, torch.where(zero, torch.ones_like(s), s), zero, bool(zero.any()))
+        cache[g] = hit
+    return hit[1:]
+
+
 _CODE_BITS = {QT.Q2_K: 2, QT.Q3_K: 3, QT.Q4_K: 4, QT.Q5_K: 5, QT.Q6_K: 6, QT.Q4_0: 4, QT.Q4_1: 4, QT.Q5_0: 5,
               QT.Q5_1: 5, QT.Q8_0: 8}
 
@@ -109,6 +123,14 @@ class BlockGrid:
         table entry for IQ4_NL/IQ4_XS/MXFP4)."""
         k = w.shape[1]
         g0, g1 = offset // self._sub, (offset + k - 1) // self._sub
+        if g0 == g1 and self.qtype not in LEVEL_TYPES and self.qtype not in (QT.Q4_1, QT.Q5_1):
+            # GPTQ's column loop: one sub-block, its safe divisor and zero mask made once, ops in place
+            s, m, safe, zero, any_zero = _sub_block(params, g0)
+            v = w.float() + m
+            v.div_(safe).round_().clamp_(self._qmin, self._qmax)
+            if any_zero:
+                v.masked_fill_(zero, 0.0)
+            return v.mul_(s).sub_(m)
         if g0 == g1:
             s, m = params.scale[:, g0:g0 + 1], params.min[:, g0:g0 + 1]
         else:
