@@ -162,12 +162,7 @@ class HFReader(CheckpointReader):
         (a whole MoE layer, 4.4 GB for Scout). The last slab is kept, since gate and up share one."""
         if self._slab is not None and self._slab[0] == (hf_name, e):
             return self._slab[1]
-        fname = self.weight_map[hf_name]
-        self._file_of(hf_name)  # checks the file holds the tensor
-        if fname not in self._headers:
-            self._headers[fname] = safetensors_header(self.path / fname)
-        header, data_start = self._headers[fname]
-        info = header[hf_name]
+        fname, info, data_start = self._tensor_info(hf_name)
         dtype = _PREAD_DTYPES.get(info["dtype"])
         shape = info["shape"]
         if dtype is None or len(shape) != 3:
@@ -179,6 +174,15 @@ class HFReader(CheckpointReader):
             t = torch.frombuffer(buf, dtype=dtype).view(shape[1:])
         self._slab = ((hf_name, e), t)
         return t
+
+    def _tensor_info(self, hf_name: str) -> tuple[str, dict, int]:
+        """(file, header entry, offset of the file's data section) of a tensor, for reading it with pread."""
+        fname = self.weight_map[hf_name]
+        self._file_of(hf_name)  # checks the file holds the tensor
+        if fname not in self._headers:
+            self._headers[fname] = safetensors_header(self.path / fname)
+        header, data_start = self._headers[fname]
+        return fname, header[hf_name], data_start
 
     def _pread(self, fname: str, offset: int, nbytes: int, what: str) -> bytearray:
         """`nbytes` of a shard from `offset`, read into memory of our own (not mapped: no page of the file stays
@@ -249,12 +253,7 @@ class HFReader(CheckpointReader):
         """Rows r0:r1 of a 2-D tensor: one contiguous byte range, read with pread (the embeddings and the head are
         2 GB each at Scout's size: read through the map, every block would stay resident until the next release)."""
         hf = self._hf_name(name)
-        fname = self.weight_map[hf]
-        self._file_of(hf)  # checks the file holds the tensor
-        if fname not in self._headers:
-            self._headers[fname] = safetensors_header(self.path / fname)
-        header, data_start = self._headers[fname]
-        info = header[hf]
+        fname, info, data_start = self._tensor_info(hf)
         dtype, shape = _PREAD_DTYPES.get(info["dtype"]), info["shape"]
         if dtype is None or len(shape) != 2:
             return self._file_of(hf).get_slice(hf)[r0:r1]
