@@ -795,7 +795,10 @@ def download_model(
         try:
             pending = set(futures)
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                # a timeout, so that the main thread runs its signal handlers while every transfer is stalled: the
+                # kernel may deliver Ctrl-C to a worker thread, and a main thread blocked until a file completes
+                # would only see it once the stalled transfer had gone on (and perhaps finished)
+                finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     rf = futures[fut]
                     exc = fut.exception()
