@@ -407,7 +407,11 @@ def test_ctrl_c_then_rerun_resumes(big_files, tmp_path):
         h.stall_after(REPO, SHARD2, 4 * 1024 * 1024)
         env = h.client_env(hf_home=str(tmp_path / "hf_home"))
         args = [sys.executable, "-c", CLI_CODE, "download", REPO, "--local-dir", str(out)]
-        p = subprocess.Popen(args, env=_with_src(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # a test run started as a background job of a non-interactive shell (`bash .ci/run &`) has SIGINT ignored,
+        # and the child would inherit that (Python keeps an ignored SIGINT ignored): give it the default, as a
+        # terminal would
+        p = subprocess.Popen(args, env=_with_src(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             assert h.stalled.wait(30)
             finished = HF_FILES - {SHARD2}
