@@ -45,6 +45,7 @@ from ..model.config import Llama4Config
 from ..model.forward import LayerWeights, attention_block, dense_block, rms_norm, route, swiglu
 from ..model.tensors import ATTN, TensorSpec, tensor_specs
 from ..model.runner import DEFAULT_SPILL_BYTES, ActivationStore, LayerwiseRunner, release
+from ..model.readahead import Readahead
 from ..quant.gptq import GPTQConfig, GPTQJob, gptq_batch, gptq_rows
 from ..quant.grid import Grid, IntGrid
 from ..quant.hessian import HessianAccumulator
@@ -306,7 +307,9 @@ class Pipeline:
         if calibrate and calib_tokens is None:
             raise Llama4QuantError("GPTQ needs calibration tokens")
         store = None
+        ahead = Readahead()
         try:
+            self._read_ahead(ahead, 0)
             self.exporter.begin(self.source, plan)
             self.progress.start(self.cfg.num_layers, int(calib_tokens.numel()) if calibrate else 0)
             self._embeddings(by_name["tok_embeddings"], grids.get("tok_embeddings"))
@@ -317,6 +320,7 @@ class Pipeline:
                 store = runner.embed(calib_tokens)
             self._release_source()  # the embedding table's pages, where a reader maps them
             for i in range(self.cfg.num_layers):
+                self._read_ahead(ahead, i + 1 if i + 1 < self.cfg.num_layers else None)
                 self._layer(i, store, grids, by_name)
                 self.exporter.end_layer(i)
                 self._release_source()
@@ -330,9 +334,16 @@ class Pipeline:
             self.exporter.abort()
             raise
         finally:
+            ahead.close()
             if store is not None:
                 store.close()
         return result
+
+    def _read_ahead(self, ahead: Readahead, layer: int | None) -> None:
+        """Have the disk read decoder layer `layer` (None: the head) while this process works on the one before."""
+        ranges = getattr(self.source, "file_ranges", None)
+        if ranges is not None:
+            ahead.want(ranges(layer))
 
     def _release_source(self) -> None:
         release(self.source)
@@ -843,10 +854,18 @@ class Pipeline:
                 counts[key][e] += x2.shape[0]
 
         self.progress.status("importance statistics: forward pass of the unquantized model")
-        store = runner.embed(tokens)
+        ahead = Readahead()
+        try:
+            self._read_ahead(ahead, 0)
+            store = runner.embed(tokens)
+        except BaseException:
+            ahead.close()
+            raise
         try:
             self.progress.start(cfg.num_layers, int(tokens.numel()))
             for i in range(cfg.num_layers):
+                if i + 1 < cfg.num_layers:
+                    self._read_ahead(ahead, i + 1)
                 self.progress.layer_start(i, 0)
                 p = f"layers.{i}."
 
@@ -866,6 +885,7 @@ class Pipeline:
                 for sl in runner.batches(len(store)):
                     add("output", rms_norm(store.get(sl, self.device, opt.dtype), norm, cfg.rms_norm_eps))
         finally:
+            ahead.close()
             store.close()
         out_s: dict[str, torch.Tensor] = {}
         out_c: dict[str, torch.Tensor] = {}

@@ -72,6 +72,11 @@ class CheckpointReader:
     def close(self) -> None:
         pass
 
+    def file_ranges(self, layer: int | None) -> list[tuple[Path, int, int]]:
+        """(file, offset, length) of what decoder layer `layer` reads (None: the final norm and the head), for
+        `model.readahead`; readers that do not know their byte ranges return none."""
+        return []
+
     def release(self) -> None:
         """Drop memory maps of what was read so far (they reopen lazily on the next read). Called after
         every layer: mapped pages count as resident memory and would grow to the whole checkpoint."""

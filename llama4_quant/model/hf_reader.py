@@ -200,6 +200,26 @@ class HFReader(CheckpointReader):
             raise CheckpointError(f"{self.path / fname}: short read of {what} (truncated file?)")
         return buf
 
+    def file_ranges(self, layer: int | None) -> list[tuple[Path, int, int]]:
+        """(file, offset, length) of decoder layer `layer`'s tensors, or with None of the final norm and the head:
+        what `model.readahead` reads ahead."""
+        if layer is None:
+            names = [self._hf_name("norm"), self.head_name]
+        else:
+            p = f"{self.model_prefix}layers.{layer}."
+            names = [k for k in self.weight_map if k.startswith(p)]
+        out = []
+        for hf in names:
+            if hf not in self.weight_map:
+                continue
+            try:
+                fname, info, data_start = self._tensor_info(hf)
+                begin, end = info["data_offsets"]
+            except (CheckpointError, OSError, KeyError, TypeError, ValueError):
+                continue  # the read itself reports it
+            out.append((self.path / fname, data_start + int(begin), int(end) - int(begin)))
+        return out
+
     # -- naming ---------------------------------------------------------------------
     def _hf_name(self, name: str) -> str:
         m = _LAYER.match(name)
