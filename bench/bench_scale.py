@@ -102,6 +102,17 @@ def layer_bf16_bytes(src: Path) -> int:
     return total
 
 
+def evict(src: Path) -> None:
+    """Drop the checkpoint's pages from the kernel's page cache (clean pages: POSIX_FADV_DONTNEED), so each run
+    reads its input from disk, as the first conversion of a freshly downloaded checkpoint does."""
+    for f in src.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def timed(cmd: list[str], env: dict | None = None, log: Path | None = None) -> dict:
     """Run cmd under /usr/bin/time -v; wall seconds and peak RSS (bytes)."""
     t0 = time.perf_counter()
@@ -112,7 +123,23 @@ def timed(cmd: list[str], env: dict | None = None, log: Path | None = None) -> d
     if p.returncode != 0:
         raise SystemExit(f"failed ({p.returncode}): {' '.join(map(str, cmd))}\n{p.stderr[-3000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) * 1024
-    return {"seconds": round(wall, 1), "peak_rss": rss}
+    row = {"seconds": round(wall, 1), "peak_rss": rss}
+    timing = _timing(p.stdout)
+    if timing and timing.get("eta_seconds"):
+        # the progress bar's estimate after the first layer against the seconds that in fact followed
+        est, actual = timing["eta_seconds"][0], timing["remaining_seconds"][0]
+        row["eta_after_first_layer"] = {"estimated_s": est, "actual_s": actual,
+                                        "error": round(est / actual - 1, 3) if actual > 0 else None}
+        row["layer_seconds"] = timing["layer_seconds"]
+    return row
+
+
+def _timing(stdout: str) -> dict | None:
+    """The `timing` of a `convert --json` summary (None for other commands)."""
+    try:
+        return json.loads(stdout[stdout.index("{"):]).get("timing")
+    except ValueError:
+        return None
 
 
 def same_tensors(a: Path, b: Path) -> tuple[bool, str]:
@@ -166,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--calib-seqlen", type=int, default=128)
     ap.add_argument("--keep", action="store_true", help="keep the GGUF/safetensors outputs")
+    ap.add_argument("--warm", action="store_true",
+                    help="leave the checkpoint in the page cache between runs (default: every run starts cold)")
     args = ap.parse_args(argv)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
 
@@ -196,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         opts, kind = ours[name]
         out = work / (f"ours-{name}.gguf" if kind == "gguf" else f"ours-{name}")
         print(f"ours {name} ...", flush=True)
+        if not args.warm:
+            evict(src)
         rows[f"ours {name}"] = timed([py, "-m", "llama4_quant", "convert", src, out, *opts, "--force", "--json"],
                                      env, work / f"ours-{name}.log")
         outs[name] = out
@@ -210,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             bf16 = work / "llamacpp-bf16.gguf"
             print("llama.cpp convert_hf_to_gguf.py ...", flush=True)
+            if not args.warm:
+                evict(src)
             # The converter refuses a tokenizer whose pre-tokenizer hash it does not know (ours is a tiny
             # Llama 4-format BPE, not Meta's); name it "llama4" and leave every tensor path as it is.
             wrap = ("import runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0].rsplit('/', 1)[0]); "
@@ -243,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
                 q.unlink(missing_ok=True)
 
     print(f"\ninput {_gb(in_bytes):.2f} GB bf16 ({args.layers} layer(s) + embeddings + head); "
-          f"one decoder layer {_gb(layer_bytes):.2f} GB; {args.threads} threads\n")
+          f"one decoder layer {_gb(layer_bytes):.2f} GB; {args.threads} threads; "
+          f"{'warm' if args.warm else 'cold'} page cache at the start of each run\n")
     print(f"{'run':24} {'seconds':>8} {'GB/s in':>8} {'peak RSS GB':>12} {'RSS/layer':>10}")
     for name, r in rows.items():
         r["gb_per_s"] = round(_gb(in_bytes) / r["seconds"], 3)
@@ -265,7 +299,13 @@ def main(argv: list[str] | None = None) -> dict:
             rows["ours gptq"]["seconds"] / rows["llama.cpp total"]["seconds"], 2)
     for k, v in ratios.items():
         print(f"{k}: {v}x")
+    for name, r in rows.items():
+        e = r.get("eta_after_first_layer")
+        if e and e["error"] is not None:
+            print(f"{name}: ETA after the first layer {e['estimated_s']:.0f} s, then took {e['actual_s']:.0f} s "
+                  f"({e['error']:+.0%})")
     result = {"layers": args.layers, "input_bytes": in_bytes, "layer_bytes": layer_bytes, "threads": args.threads,
+              "page_cache": "warm" if args.warm else "cold",
               "rows": rows, "ratios": ratios}
     (work / "bench-scale.json").write_text(json.dumps(result, indent=2, default=str))
     if not args.keep:

@@ -38,26 +38,23 @@ def _sigterm_as_interrupt():
 
 
 class RichProgress:
-    """pipeline.Progress drawn as rich bars: layers, and the experts of the current layer, with ETA."""
+    """pipeline.Progress drawn as rich bars: layers (with the calibration tokens/s of the last one and the
+    pipeline's time-left estimate, convert.clock), and the experts of the current layer."""
 
     def __init__(self, prog):
         self.prog = prog
         self.layers = None
         self.experts = None
         self.tokens, self.t_layer = 0, time.perf_counter()
-        self.t_first, self.first_layer = None, 0  # the layers' ETA: mean time per layer since the first began
 
     def start(self, num_layers, tokens=0):
         if self.layers is not None:
             self.prog.remove_task(self.layers)
         self.layers = self.prog.add_task("layers", total=num_layers)
         self.tokens, self.t_layer = tokens, time.perf_counter()
-        self.t_first = None
 
     def layer_start(self, layer, num_experts):
         self.t_layer = time.perf_counter()
-        if self.t_first is None:
-            self.t_first, self.first_layer = self.t_layer, layer
         if self.experts is not None:
             self.prog.remove_task(self.experts)
             self.experts = None
@@ -68,17 +65,15 @@ class RichProgress:
         if self.experts is not None:
             self.prog.advance(self.experts)
 
-    def layer_done(self, layer):
+    def layer_done(self, layer, eta=None):
         now = time.perf_counter()
         if self.tokens:  # calibration throughput of the layer just done
             rate = self.tokens / max(now - self.t_layer, 1e-9)
             self.prog.update(self.layers, description=f"layers ({rate:,.0f} tok/s)")
         self.t_layer = now
         self.prog.advance(self.layers)
-        task = self.prog.tasks[[t.id for t in self.prog.tasks].index(self.layers)]
-        done = layer + 1 - self.first_layer
-        if self.t_first is not None and done > 0 and task.total:
-            self.prog.update(self.layers, eta=(now - self.t_first) / done * max(0, task.total - task.completed))
+        if eta is not None:
+            self.prog.update(self.layers, eta=eta)
 
     def status(self, text):
         pass

@@ -278,6 +278,7 @@ class GGUFExporter:
             "layer_loss": [l.get("loss") for l in layers] if any(l.get("loss") is not None for l in layers) else None,
             "warnings": manifest.get("warnings", []),
             "seconds": round(seconds, 3),
+            "timing": manifest.get("timing"),
         }
         out["manifest"] = str(write_sidecar(out))
         return out

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import Llama4QuantError
+from .clock import LayerClock, tail_share, tensor_work
 from .distributed import Ranks
 from ..model.checkpoint import CheckpointReader
 from ..formats.gguf.imatrix import Imatrix
@@ -148,7 +149,8 @@ class Progress:
 
     def expert_done(self, layer: int, e: int) -> None: ...
 
-    def layer_done(self, layer: int) -> None: ...
+    def layer_done(self, layer: int, eta: float | None = None) -> None:
+        """`eta`: estimated seconds left (convert.clock)."""
 
     def status(self, text: str) -> None: ...
 
@@ -224,6 +226,7 @@ class Pipeline:
         self.records: dict[str, dict[str, Any]] = {}
         self.layers: list[dict[str, Any]] = []
         self.warnings: list[str] = []
+        self.clock = LayerClock(self.cfg.num_layers)  # run() sets the head's share
 
     # -- small helpers -----------------------------------------------------------------------------------------
     def _batches(self, n: int):
@@ -306,6 +309,7 @@ class Pipeline:
         calibrate = self.opt.method == "gptq" and any(g is not None for g in grids.values())
         if calibrate and calib_tokens is None:
             raise Llama4QuantError("GPTQ needs calibration tokens")
+        self.clock = LayerClock(self.cfg.num_layers, _tail(plan, calibrate))
         store = None
         ahead = Readahead()
         try:
@@ -440,6 +444,7 @@ class Pipeline:
         cfg, opt = self.cfg, self.opt
         t0 = time.perf_counter()
         moe = cfg.is_moe(i)
+        self.clock.layer_start()
         self.progress.layer_start(i, cfg.num_experts if moe else 0)
         p = f"layers.{i}."
         info: dict[str, Any] = {"layer": i, "moe": moe}
@@ -467,7 +472,7 @@ class Pipeline:
                     rtn_fallbacks=sorted(k[len(p):] for k, r in recs.items()
                                          if r["method"] == "rtn" and opt.method == "gptq"))
         self.layers.append(info)
-        self.progress.layer_done(i)
+        self.progress.layer_done(i, self.clock.layer_done())
 
     def _ffn_in(self, w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         return rms_norm(h, w.get("ffn_norm"), self.cfg.rms_norm_eps)
@@ -863,9 +868,11 @@ class Pipeline:
             raise
         try:
             self.progress.start(cfg.num_layers, int(tokens.numel()))
+            clock = LayerClock(cfg.num_layers)
             for i in range(cfg.num_layers):
                 if i + 1 < cfg.num_layers:
                     self._read_ahead(ahead, i + 1)
+                clock.layer_start()
                 self.progress.layer_start(i, 0)
                 p = f"layers.{i}."
 
@@ -879,7 +886,7 @@ class Pipeline:
                 with runner.layer(i) as w:
                     runner.forward_layer(i, w, store, observer=observer)
                 self._release_source()
-                self.progress.layer_done(i)
+                self.progress.layer_done(i, clock.layer_done())
             if include_output and not cfg.tie_word_embeddings:
                 norm = self.source.read("norm").to(self.device, opt.dtype)
                 for sl in runner.batches(len(store)):
@@ -924,7 +931,24 @@ class Pipeline:
             "total_loss": sum(losses) if losses else None,
             "warnings": self.warnings,
             "seconds": round(seconds, 3),
+            "timing": self.clock.report(),
         }
+
+
+def _tail(plan: list[tuple[TensorSpec, Grid | None]], calibrated: bool) -> float:
+    """The work after the last layer (the head), in layers (convert.clock)."""
+    layers: dict[int, float] = {}
+    tail = 0.0
+    for spec, grid in plan:
+        if len(spec.shape) != 2:
+            continue
+        # without a grid a tensor is copied, or encoded by the exporter itself (GGUF's RTN): rows x cols either way
+        work = tensor_work(spec.shape, spec.num_experts or 1, calibrated and grid is not None)
+        if spec.layer is not None:
+            layers[spec.layer] = layers.get(spec.layer, 0.0) + work
+        elif spec.name == "output":
+            tail += work
+    return tail_share(layers.values(), tail)
 
 
 def output_energy(w: torch.Tensor, h: torch.Tensor, sample_rows: int = 512) -> float:

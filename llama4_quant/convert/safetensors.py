@@ -543,6 +543,7 @@ def summary(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
         "tokens_per_expert": {"min": min(flat), "max": max(flat),
                               "zero_token_experts": sum(1 for n in flat if n == 0)} if flat else None,
         "warnings": manifest["warnings"],
+        "timing": manifest.get("timing"),
         "manifest": MANIFEST,
     }
 

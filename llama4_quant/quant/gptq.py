@@ -137,7 +137,9 @@ def _reversed_cholesky(hd: torch.Tensor) -> torch.Tensor | None:
     if int(info) != 0:
         return None
     upper = lower.flip(0, 1)
-    if not bool(torch.isfinite(upper).all()) or not bool((upper.diagonal() > 0).all()):
+    # info == 0 already means positive pivots; the checks catch what a LAPACK might let through, cheaply: a
+    # non-finite entry anywhere makes the sum non-finite (the entries are bounded by sqrt(max diag Hd), no overflow)
+    if not bool(torch.isfinite(upper.sum())) or not bool((upper.diagonal() > 0).all()):
         return None
     return upper
 
@@ -460,7 +462,9 @@ def _h0_loss(prep: _Prepared, it: _Item) -> float:
     [rows x in x in] product: with D = w - q, D Hd D^T = (1 - a) D H' D^T + sum_j (a H'_jj + d) D_j^2 and
     D H' D^T = D H0 D^T + sum_dead D_j^2. W* and GPTQ's start weights differ only in dead columns, where H0 is 0.
     Agrees with the direct product to about 1e-6 (relative; tests/quant/test_quant_gptq_batch.py)."""
-    col = (it.w - it.q).square().sum(0, dtype=torch.float64)  # per column, summed in float64
+    d = torch.sub(it.w, it.q)
+    col = d.square_().sum(0).double()  # per column: torch's float32 sum is blocked, within 2e-7 of float64's, 4x as fast
+    del d
     hp = prep.h0.diagonal().double().clone()
     hp[prep.dead] = 1.0
     delta = float(prep.delta)

@@ -1,4 +1,6 @@
-"""The convert progress bar's ETA: mean seconds per layer since the first layer began, times the layers left."""
+"""The convert progress bar's ETA: convert.clock's estimate (mean seconds per layer since the first layer began,
+times the layers left, plus the head's share of a layer's work), drawn by the CLI's bar, and recorded in the
+conversion's report against what followed."""
 
 from __future__ import annotations
 
@@ -9,20 +11,65 @@ from rich.progress import Progress
 
 from llama4_quant.cli.common import EtaColumn
 from llama4_quant.cli.convert_cmd import RichProgress
+from llama4_quant.convert.clock import LayerClock, tail_share, tensor_work
+from support.convert import convert, gguf
 
 
-def test_eta_after_the_first_layer_is_the_mean_layer_time_times_what_is_left():
+class FakeTime:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_eta_is_the_mean_layer_time_times_what_is_left_plus_the_tail():
+    now = FakeTime()
+    clock = LayerClock(10, tail=0.5, now=now)
+    now.t += 30  # embeddings: before the first layer, not counted
+    etas = []
+    for seconds in (20.0, 40.0, 30.0):
+        clock.layer_start()
+        now.t += seconds
+        etas.append(clock.layer_done())
+    assert etas == [20.0 * 9.5, 30.0 * 8.5, 30.0 * 7.5]
+    now.t += 5
+    rep = clock.report()
+    assert rep["layer_seconds"] == [20.0, 40.0, 30.0]
+    assert rep["eta_seconds"] == etas
+    assert rep["remaining_seconds"] == [75.0, 35.0, 5.0]
+
+
+def test_work_counts_gptq_as_rows_times_cols_squared():
+    assert tensor_work((8, 4), 1, calibrated=False) == 32
+    assert tensor_work((8, 4), 3, calibrated=True) == 3 * 8 * 16
+    assert tail_share([10.0, 30.0], 10.0) == 0.5
+    assert tail_share([], 10.0) == 0.0
+
+
+def test_the_bar_shows_the_pipelines_eta():
     prog = Progress(EtaColumn(), console=Console(file=open("/dev/null", "w")), disable=True)
     rp = RichProgress(prog)
-    rp.start(10)
-    time.sleep(0.3)  # embeddings: not a layer, must not count
-    for i, seconds in enumerate((0.2, 0.4)):
-        rp.layer_start(i, 4)
-        for e in range(4):
-            rp.expert_done(i, e)
-        time.sleep(seconds)
-        rp.layer_done(i)
-        task = prog.tasks[0]
-        mean = (0.2, 0.3)[i]
-        assert abs(task.fields["eta"] - mean * (10 - i - 1)) < 0.25 * mean * (10 - i - 1), task.fields
-    assert str(EtaColumn().render(task)) == time.strftime("%-H:%M:%S", time.gmtime(round(task.fields["eta"])))
+    rp.start(10, tokens=1000)
+    rp.layer_start(0, 4)
+    for e in range(4):
+        rp.expert_done(0, e)
+    rp.layer_done(0, 3725.0)
+    task = prog.tasks[0]
+    assert task.fields["eta"] == 3725.0 and task.completed == 1
+    assert "tok/s" in task.description
+    assert str(EtaColumn().render(task)) == "1:02:05"
+
+
+def test_a_conversion_reports_its_estimates(tiny_checkpoints, trained_model, tmp_path):
+    summary = convert(tiny_checkpoints[("scout", "hf")], tmp_path / "out", scheme="w4a16", method="rtn",
+                      group_size=32)
+    rtn_tail = summary["timing"]["tail_layers"]
+    assert 0 < rtn_tail < 1  # the head, copied: its elements against a layer's
+    summary = gguf(trained_model, tmp_path / "m.gguf", scheme="q4_k_m", method="rtn")
+    timing = summary["timing"]
+    n = len(timing["layer_seconds"])
+    assert n >= 2 and len(timing["eta_seconds"]) == n == len(timing["remaining_seconds"])
+    assert timing["remaining_seconds"] == sorted(timing["remaining_seconds"], reverse=True)
+    assert timing["tail_layers"] > 0  # the quantized head
+    assert all(x >= 0 for x in timing["eta_seconds"])
