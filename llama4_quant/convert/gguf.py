@@ -279,6 +279,7 @@ class GGUFExporter:
             "warnings": manifest.get("warnings", []),
             "seconds": round(seconds, 3),
             "timing": manifest.get("timing"),
+            "rtn_guard": [l["rtn_guard"] for l in layers] if any("rtn_guard" in l for l in layers) else None,
         }
         out["manifest"] = str(write_sidecar(out))
         return out

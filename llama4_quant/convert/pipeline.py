@@ -471,6 +471,10 @@ class Pipeline:
                     loss=sum(losses) if losses else None, rel_loss_mean=(sum(rels) / len(rels)) if rels else None,
                     rtn_fallbacks=sorted(k[len(p):] for k, r in recs.items()
                                          if r["method"] == "rtn" and opt.method == "gptq"))
+        if opt.method == "gptq":  # how the RTN guard decided: on a sample of rows, or exactly on all of them
+            info["rtn_guard"] = {
+                "sampled": sum(1 for r in recs.values() if r.get("rtn_rows") is not None),
+                "exact": sum(1 for r in recs.values() if r.get("rtn_rows") is None and r.get("rtn_loss") is not None)}
         self.layers.append(info)
         self.progress.layer_done(i, self.clock.layer_done())
 

@@ -230,3 +230,13 @@ def test_imatrix_statistic_and_quantization_match_llamacpp(runs, trained_model, 
     mine = tmp_path / "ours-imat.gguf"
     run_gguf_convert(trained_model, mine, scheme="q4_k_m", imatrix_file=imat)
     _same_tensors(ref, mine)
+
+
+def test_summary_says_how_the_rtn_guard_decided(runs):
+    """Per layer, the calibrated tensors whose RTN guard ran on a sample of rows and those it ran exactly (the
+    trained model's weights have too few rows to sample); absent for uncalibrated runs."""
+    guard = runs["summary"]["gptq"]["rtn_guard"]
+    n_layers = len(runs["summary"]["gptq"]["timing"]["layer_seconds"])
+    assert len(guard) == n_layers
+    assert all(g["sampled"] == 0 and g["exact"] > 0 for g in guard), guard
+    assert runs["summary"]["rtn"]["rtn_guard"] is None
