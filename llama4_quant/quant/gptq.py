@@ -72,6 +72,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from .descent import descend
 from .grid import Grid, IntGrid, IntParams, group_slices
 from .rtn import QuantRecord, QuantResult, hessian_loss, row_sample, rtn, weight_loss
 
@@ -514,15 +515,14 @@ def coordinate_descent(ref: torch.Tensor, q: torch.Tensor, params: list[Any], h:
     L = tr(D H D^T) + lam tr(A D H D^T A^T), D = q - ref, A = `metric` [k, rows] (lam = `weight` x the ratio of the
     two terms at the start, so that they begin equal; no metric: lam = 0). A move of entry (r, j) by d changes L by
     2 d (G_rj + lam A_r . K_j) + d^2 H_jj (1 + lam |A_r|^2) with G = D H, K = A G, both kept up to date: exactly
-    within a block of `block` columns, for the other columns by one product per block.
-    Returns (q, number of moves)."""
+    within a block of `block` columns, for the other columns by one product per block (on a CPU: compiled, and
+    rebuilt per block from the moves, quant.descent). Returns (q, number of moves)."""
     rows, cols = q.shape
     sl = group_slices(cols, grid.group_size)
     step = torch.cat([grid.code_steps(p, s.stop - s.start) for s, p in zip(sl, params)], dim=1)
     codes = torch.cat([grid.codes(q[:, s], p) for s, p in zip(sl, params)], dim=1)
     q = q.clone()
     g = (q - ref) @ h
-    hd = h.diagonal()
     lam, a, k = 0.0, None, None
     if metric is not None:
         a = metric.to(q)
@@ -530,8 +530,21 @@ def coordinate_descent(ref: torch.Tensor, q: torch.Tensor, params: list[Any], h:
         plain = float(((q - ref) * g).sum())
         routed = float(((a @ (q - ref)) * k).sum())
         lam = weight * plain / routed if routed > 0 else 0.0
-    a_norm = (a.square().sum(0) if a is not None else torch.zeros(rows, device=q.device)) * lam
     lo, hi = grid.code_range()
+    if q.device.type == "cpu":  # the same moves, compiled (quant.descent)
+        q, codes, moved = descend(g, h, q, codes, step, a if lam else None, lam, lo, hi, sweeps, block)
+    else:
+        q, codes, moved = _descend_torch(g, k, a, lam, q, codes, step, h, lo, hi, sweeps, block)
+    if moved:  # exactly what the codes dequantize to (finalize / the GGUF packer recover them)
+        q = torch.cat([grid.quantize(grid.from_codes(codes[:, s], p), p) for s, p in zip(sl, params)], dim=1)
+    return q, moved
+
+
+def _descend_torch(g, k, a, lam, q, codes, step, h, lo, hi, sweeps: int, block: int):
+    """coordinate_descent's column loop in torch ops (any device); returns (q, codes, moves)."""
+    rows, cols = q.shape
+    hd = h.diagonal()
+    a_norm = (a.square().sum(0) if a is not None else torch.zeros(rows, device=q.device)) * lam
     moved = 0
     for _ in range(sweeps):
         n0 = moved
@@ -560,7 +573,7 @@ def coordinate_descent(ref: torch.Tensor, q: torch.Tensor, params: list[Any], h:
                     # the metric term couples the rows: moves that each help can overshoot together; keep the most
                     # helpful half (then quarter, ...) until the joint change is a decrease: every prefix of the
                     # moves sorted by gain at once, from cumulative sums
-                    gain = torch.minimum(up, down)[idx]
+                    gain = torch.where(go_up, up, down)[idx]  # the chosen move's change
                     keep = torch.argsort(gain)
                     ii, dd = idx[keep], d[keep]
                     n = ii.numel()
@@ -587,9 +600,7 @@ def coordinate_descent(ref: torch.Tensor, q: torch.Tensor, params: list[Any], h:
                     k.addmm_(a @ moves, h[b0:b1])
         if moved == n0:
             break
-    if moved:  # exactly what the codes dequantize to (finalize / the GGUF packer recover them)
-        q = torch.cat([grid.quantize(grid.from_codes(codes[:, s], p), p) for s, p in zip(sl, params)], dim=1)
-    return q, moved
+    return q, codes, moved
 
 
 def _search_grid(grid: Grid, config: GPTQConfig) -> Grid:
