@@ -1,9 +1,13 @@
 """Wall time per decoder layer and the time-left estimate the progress bar shows.
 
-After each layer: the mean time of the layers done so far times the layers left, plus the work after the last
-layer (the head) in units of an average layer's work (`tail`). Work is counted per quantized tensor as
-GPTQ does it, rows x cols^2 (one block update per column pair), or rows x cols for a rounding-only method; the
-embedding table, done before the first layer, is not part of any estimate. The conversion's report records what
+After each layer: the seconds per unit of work of the layers done so far times the work left (the layers' and,
+after the last layer, the head's). Work is counted per quantized tensor as GPTQ does it, rows x cols^2 (one block
+update per column pair), or rows x cols for a rounding-only method, and GPTQ's coordinate descent on the codes
+(the router-aware tensors) counts `DESCENT_WORK` times that again. Layers differ: in q4_k_m some layers' down
+projections are Q6_K and others Q4_K, and only the Q4_K ones, in layers that have a later MoE layer, get the
+descent, so the first layer's seconds scale to each later layer by their work. Without per-layer work every layer
+counts the same (the mean layer time times the layers left). The embedding table, done before the first layer,
+is not part of any estimate. The conversion's report records what
 was estimated against what followed, so the estimate's error is measured on every run (bench/bench_scale.py
 prints it).
 """
@@ -15,11 +19,18 @@ import time
 from typing import Any, Iterable
 
 
-def tensor_work(shape: tuple[int, ...], copies: int, calibrated: bool) -> float:
-    """The work of quantizing `copies` matrices of `shape` ([out, in])."""
+# the descent's cost against its GPTQ job's, same matrix (its G = D H product plus two sweeps): 2 Scout-shaped
+# q4_k_m layers, layer 0 with Q4_K down projections and the descent, layer 1 with Q6_K ones and none, differ by
+# 389 s, 22.4 s per 5120 x 8192 descent against 13.3 s for the job's own work at layer 1's pace (docs/performance.md)
+DESCENT_WORK = 1.7
+
+
+def tensor_work(shape: tuple[int, ...], copies: int, calibrated: bool, descent: bool = False) -> float:
+    """The work of quantizing `copies` matrices of `shape` ([out, in]); `descent`: GPTQ's coordinate descent too."""
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
     cols = shape[-1]
-    return float(copies) * rows * cols * (cols if calibrated else 1)
+    work = float(copies) * rows * cols * (cols if calibrated else 1)
+    return work * (1 + DESCENT_WORK) if calibrated and descent else work
 
 
 def tail_share(layer_work: Iterable[float], tail_work: float) -> float:
@@ -30,8 +41,13 @@ def tail_share(layer_work: Iterable[float], tail_work: float) -> float:
 
 
 class LayerClock:
-    def __init__(self, num_layers: int, tail: float = 0.0, now=time.perf_counter):
+    """`tail`: the head's work in mean layers; `works`: each layer's work (None: all alike)."""
+
+    def __init__(self, num_layers: int, tail: float = 0.0, now=time.perf_counter, works: list[float] | None = None):
         self.num_layers, self.tail, self._now = num_layers, tail, now
+        if works is not None and (len(works) != num_layers or min(works, default=1.0) <= 0):
+            works = None
+        self.works = works
         self.starts: list[float] = []
         self.ends: list[float] = []
         self.etas: list[float] = []
@@ -44,8 +60,11 @@ class LayerClock:
         t = self._now()
         self.ends.append(t)
         done = len(self.ends)
-        mean = (t - self.starts[0]) / done
-        eta = mean * (max(0, self.num_layers - done) + self.tail)
+        works = self.works or [1.0] * self.num_layers
+        mean_work = sum(works) / len(works) if works else 1.0
+        did = sum(works[:done]) if done <= len(works) else float(done) * mean_work
+        left = sum(works[done:]) + self.tail * mean_work
+        eta = (t - self.starts[0]) / did * left
         self.etas.append(eta)
         return eta
 

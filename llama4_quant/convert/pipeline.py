@@ -309,10 +309,14 @@ class Pipeline:
         calibrate = self.opt.method == "gptq" and any(g is not None for g in grids.values())
         if calibrate and calib_tokens is None:
             raise Llama4QuantError("GPTQ needs calibration tokens")
-        self.clock = LayerClock(self.cfg.num_layers, _tail(plan, calibrate))
+        works, tail = _work(plan, calibrate, self._descends)
+        self.clock = LayerClock(self.cfg.num_layers, tail, works=works)
         store = None
         ahead = Readahead()
         try:
+            # one sequential stream on the disk: the embedding table (which this thread reads next, and then
+            # quantizes while the read-ahead goes on to layer 0), then layer 0
+            self._read_ahead(ahead, "embeddings")
             self._read_ahead(ahead, 0)
             self.exporter.begin(self.source, plan)
             self.progress.start(self.cfg.num_layers, int(calib_tokens.numel()) if calibrate else 0)
@@ -343,8 +347,9 @@ class Pipeline:
                 store.close()
         return result
 
-    def _read_ahead(self, ahead: Readahead, layer: int | None) -> None:
-        """Have the disk read decoder layer `layer` (None: the head) while this process works on the one before."""
+    def _read_ahead(self, ahead: Readahead, layer: int | str | None) -> None:
+        """Have the disk read decoder layer `layer` (None: the head; "embeddings": the embedding table) while
+        this process works on what comes before it."""
         ranges = getattr(self.source, "file_ranges", None)
         if ranges is not None:
             ahead.want(ranges(layer))
@@ -728,6 +733,20 @@ class Pipeline:
                     acc = acc + part
                 out.put(sl, acc.view(h.shape))
 
+    def _router_aware(self, i: int, grid: Grid | None) -> bool:
+        """Whether a residual writer of layer i on `grid` gets the router-aware descent (router_metric)."""
+        opt = self.opt
+        bits = getattr(grid, "code_bits", None)  # grids whose codes the descent can move: int, GGUF's linear ones
+        return bool(opt.router_aware and opt.method == "gptq" and bits and bits <= opt.router_max_bits
+                    and any(self.cfg.is_moe(l) for l in range(i + 1, self.cfg.num_layers)))
+
+    def _descends(self, spec: TensorSpec, grid: Grid | None) -> bool:
+        """Whether GPTQ runs the coordinate descent on this tensor (the clock counts its work)."""
+        if self.opt.gptq.cd_sweeps is not None:
+            return bool(self.opt.gptq.cd_sweeps) and getattr(grid, "code_bits", None) is not None
+        writer = spec.local in RESIDUAL_WRITERS or spec.local == "experts.down"
+        return spec.layer is not None and writer and self._router_aware(spec.layer, grid)
+
     def router_metric(self, i: int, grid: Grid) -> torch.Tensor | None:
         """For a Linear of layer i that writes the residual stream (wo, the down projections): the directions of
         its output that the later MoE layers' routers read, A = [router_l * ffn_norm_l for MoE layers l > i]
@@ -738,8 +757,7 @@ class Pipeline:
         None: GPTQ off, --no-router-aware, a grid without the descent (GGUF, fp8, more than 4 bits), or no later
         MoE layer."""
         opt, cfg = self.opt, self.cfg
-        bits = getattr(grid, "code_bits", None)  # grids whose codes the descent can move: int, GGUF's linear ones
-        if not (opt.router_aware and opt.method == "gptq" and bits and bits <= opt.router_max_bits):
+        if not self._router_aware(i, grid):
             return None
         cache = self.__dict__.setdefault("_router_metrics", {})
         if i not in cache:
@@ -939,20 +957,24 @@ class Pipeline:
         }
 
 
-def _tail(plan: list[tuple[TensorSpec, Grid | None]], calibrated: bool) -> float:
-    """The work after the last layer (the head), in layers (convert.clock)."""
+def _work(plan: list[tuple[TensorSpec, Grid | None]], calibrated: bool, descends=lambda spec, grid: False
+          ) -> tuple[list[float], float]:
+    """Each decoder layer's work and the head's in layers (convert.clock); `descends(spec, grid)`: whether GPTQ
+    runs the coordinate descent on that tensor."""
     layers: dict[int, float] = {}
     tail = 0.0
     for spec, grid in plan:
         if len(spec.shape) != 2:
             continue
         # without a grid a tensor is copied, or encoded by the exporter itself (GGUF's RTN): rows x cols either way
-        work = tensor_work(spec.shape, spec.num_experts or 1, calibrated and grid is not None)
+        gptq = calibrated and grid is not None
+        work = tensor_work(spec.shape, spec.num_experts or 1, gptq, gptq and descends(spec, grid))
         if spec.layer is not None:
             layers[spec.layer] = layers.get(spec.layer, 0.0) + work
         elif spec.name == "output":
             tail += work
-    return tail_share(layers.values(), tail)
+    works = [layers[i] for i in sorted(layers)]
+    return works, tail_share(works, tail)
 
 
 def output_energy(w: torch.Tensor, h: torch.Tensor, sample_rows: int = 512) -> float:

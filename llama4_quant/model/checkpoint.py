@@ -72,9 +72,10 @@ class CheckpointReader:
     def close(self) -> None:
         pass
 
-    def file_ranges(self, layer: int | None) -> list[tuple[Path, int, int]]:
-        """(file, offset, length) of what decoder layer `layer` reads (None: the final norm and the head), for
-        `model.readahead`; readers that do not know their byte ranges return none."""
+    def file_ranges(self, layer: int | str | None) -> list[tuple[Path, int, int]]:
+        """(file, offset, length) of what decoder layer `layer` reads (None: the final norm and the head;
+        "embeddings": the embedding table), for `model.readahead`; readers that do not know their byte ranges
+        return none."""
         return []
 
     def release(self) -> None:

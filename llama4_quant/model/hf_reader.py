@@ -200,11 +200,13 @@ class HFReader(CheckpointReader):
             raise CheckpointError(f"{self.path / fname}: short read of {what} (truncated file?)")
         return buf
 
-    def file_ranges(self, layer: int | None) -> list[tuple[Path, int, int]]:
-        """(file, offset, length) of decoder layer `layer`'s tensors, or with None of the final norm and the head:
-        what `model.readahead` reads ahead."""
+    def file_ranges(self, layer: int | str | None) -> list[tuple[Path, int, int]]:
+        """(file, offset, length) of decoder layer `layer`'s tensors, with None of the final norm and the head,
+        with "embeddings" of the embedding table: what `model.readahead` reads ahead."""
         if layer is None:
             names = [self._hf_name("norm"), self.head_name]
+        elif layer == "embeddings":
+            names = [self._hf_name("tok_embeddings")]
         else:
             p = f"{self.model_prefix}layers.{layer}."
             names = [k for k in self.weight_map if k.startswith(p)]

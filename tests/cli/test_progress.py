@@ -11,7 +11,7 @@ from rich.progress import Progress
 
 from llama4_quant.cli.common import EtaColumn
 from llama4_quant.cli.convert_cmd import RichProgress
-from llama4_quant.convert.clock import LayerClock, tail_share, tensor_work
+from llama4_quant.convert.clock import DESCENT_WORK, LayerClock, tail_share, tensor_work
 from support.convert import convert, gguf
 
 
@@ -40,9 +40,26 @@ def test_eta_is_the_mean_layer_time_times_what_is_left_plus_the_tail():
     assert rep["remaining_seconds"] == [75.0, 35.0, 5.0]
 
 
+def test_eta_scales_the_seconds_per_unit_of_work_to_the_work_left():
+    """Layers of unequal work (q4_k_m: Q4_K down projections with the router-aware descent in some layers, Q6_K
+    in others): the first layer's seconds per unit of work, times the work of the layers left and the head."""
+    now = FakeTime()
+    clock = LayerClock(3, tail=0.5, now=now, works=[3.0, 1.0, 2.0])  # mean work 2: the tail is 1 unit
+    clock.layer_start()
+    now.t += 30.0  # 10 s per unit
+    assert clock.layer_done() == 10.0 * (1.0 + 2.0 + 1.0)
+    clock.layer_start()
+    now.t += 10.0
+    assert clock.layer_done() == 40.0 / 4.0 * (2.0 + 1.0)
+    # unusable work lists fall back to counting layers alike
+    assert LayerClock(3, works=[1.0, 0.0, 1.0]).works is None and LayerClock(3, works=[1.0]).works is None
+
+
 def test_work_counts_gptq_as_rows_times_cols_squared():
     assert tensor_work((8, 4), 1, calibrated=False) == 32
     assert tensor_work((8, 4), 3, calibrated=True) == 3 * 8 * 16
+    assert tensor_work((8, 4), 1, calibrated=True, descent=True) == (1 + DESCENT_WORK) * 8 * 16
+    assert tensor_work((8, 4), 1, calibrated=False, descent=True) == 32
     assert tail_share([10.0, 30.0], 10.0) == 0.5
     assert tail_share([], 10.0) == 0.0
 

@@ -39,9 +39,15 @@ def test_router_aware_descent_on_residual_writers(tiny_mm, tmp_path, monkeypatch
     router, other Linears are left alone, and --no-router-aware turns it off."""
     import llama4_quant.convert.pipeline as pl
 
-    reports = []
+    reports, clocks = [], []
     real = pl.Pipeline._report
-    monkeypatch.setattr(pl.Pipeline, "_report", lambda self, *a: reports.append(real(self, *a)) or reports[-1])
+
+    def report(self, *a):
+        clocks.append(self.clock)
+        reports.append(real(self, *a))
+        return reports[-1]
+
+    monkeypatch.setattr(pl.Pipeline, "_report", report)
     kw = dict(scheme="w4a16", method="gptq", calib=str(tiny_mm / "calib.txt"), calib_samples=6, calib_seqlen=64,
               device="cpu", targets=("experts", "shared", "attn"))
     run_convert(str(tiny_mm), str(tmp_path / "on"), **kw)
@@ -54,3 +60,6 @@ def test_router_aware_descent_on_residual_writers(tiny_mm, tmp_path, monkeypatch
     assert not any(k.startswith("layers.1.") for k in moved)  # nothing routes after the last layer
     for k in writers & moved:  # never worse than RTN, with the descent too
         assert on[k]["loss"] <= on[k]["rtn_loss"] * (1 + 1e-6)
+    # the time-left estimate counts the descent's work in the layers that have it (convert.clock)
+    (w_on, w_off) = (c.works for c in clocks)
+    assert w_off[0] == w_off[1] and w_on[1] == w_off[1] and w_on[0] > w_off[0]

@@ -81,6 +81,8 @@ def test_hf_file_ranges_are_the_layer_tensors(tiny_checkpoints) -> None:
         head = {(p.name, o, n) for p, o, n in r.file_ranges(None)}
         assert head == {v for k, v in truth.items() if k.endswith("lm_head.weight") or k.endswith("model.norm.weight")}
         assert len(head) == 2 and not head & seen
+        emb = {(p.name, o, n) for p, o, n in r.file_ranges("embeddings")}
+        assert emb == {v for k, v in truth.items() if k.endswith("embed_tokens.weight")} and len(emb) == 1
 
 
 @pytest.mark.parametrize("layout", ["meta"])
@@ -106,11 +108,10 @@ def test_conversion_reads_one_layer_ahead(tiny_checkpoints, tmp_path: Path, monk
     path = tiny_checkpoints[("scout", "hf")]
     with open_checkpoint(path) as r:
         n_layers = r.config.num_layers
-        sizes = [sum(n for _, _, n in r.file_ranges(i)) for i in range(n_layers)] + [
-            sum(n for _, _, n in r.file_ranges(None))]
+        sizes = [sum(n for _, _, n in r.file_ranges(i)) for i in ["embeddings", *range(n_layers), None]]
     convert(path, tmp_path / "out", scheme="w4a16", method="rtn", group_size=32)
     wants = [e[2] for e in events if e[0] == "want"]
-    assert wants == sizes  # layer 0 before anything, then i + 1 as layer i starts, the head with the last
+    assert wants == sizes  # the embeddings and layer 0 before anything, then i + 1 as layer i starts, the head last
     layers_at = [k for k, e in enumerate(events) if e[0] == "layer"]
     want_at = [k for k, e in enumerate(events) if e[0] == "want"]
-    assert all(want_at[i + 1] < layers_at[i] for i in range(n_layers))
+    assert all(want_at[i + 2] < layers_at[i] for i in range(n_layers))
