@@ -2,7 +2,8 @@
 
 After each layer: the seconds per unit of work of the layers done so far times the work left (the layers' and,
 after the last layer, the head's). Work is counted per quantized tensor as GPTQ does it, rows x cols^2 (one block
-update per column pair), or rows x cols for a rounding-only method, and GPTQ's coordinate descent on the codes
+update per column pair), or rows x cols times the type's cost per element (the exporter's `encode_cost`: a Q4_K
+search with importance weights costs four times a Q6_K one) for rounding only, and GPTQ's descent on the codes
 (the router-aware tensors) counts `DESCENT_WORK` times that again. Layers differ: in q4_k_m some layers' down
 projections are Q6_K and others Q4_K, and only the Q4_K ones, in layers that have a later MoE layer, get the
 descent, so the first layer's seconds scale to each later layer by their work. Without per-layer work every layer
@@ -25,12 +26,16 @@ from typing import Any, Iterable
 DESCENT_WORK = 1.7
 
 
-def tensor_work(shape: tuple[int, ...], copies: int, calibrated: bool, descent: bool = False) -> float:
-    """The work of quantizing `copies` matrices of `shape` ([out, in]); `descent`: GPTQ's coordinate descent too."""
+def tensor_work(shape: tuple[int, ...], copies: int, calibrated: bool, descent: bool = False,
+                cost: float = 1.0) -> float:
+    """The work of quantizing `copies` matrices of `shape` ([out, in]); `descent`: GPTQ's coordinate descent too;
+    `cost`: for rounding only, the exporter's relative time per element for the tensor's type (encode_cost)."""
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
     cols = shape[-1]
-    work = float(copies) * rows * cols * (cols if calibrated else 1)
-    return work * (1 + DESCENT_WORK) if calibrated and descent else work
+    if not calibrated:
+        return float(copies) * rows * cols * cost
+    work = float(copies) * rows * cols * cols
+    return work * (1 + DESCENT_WORK) if descent else work
 
 
 def tail_share(layer_work: Iterable[float], tail_work: float) -> float:

@@ -43,6 +43,11 @@ from .fit import FTYPE_GUESSED
 METHODS = ("gptq", "imatrix", "rtn")
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 _EXPERT = re.compile(r"^layers\.(\d+)\.experts\.(\d+)\.(gate|up|down)$")
+# encode()'s nanoseconds per element on 2 cores for a [2048 x 5120] block, (plain, with imatrix weights): the
+# qkx searches of Q4_K / Q5_K cost more than Q6_K's, and three times as much with weights (docs/performance.md);
+# other types are put at the middle. READ_NS: reading, bf16 -> float32 and writing, the same for every type.
+_ENCODE_NS = {QT.Q4_K: (9.5, 28.5), QT.Q5_K: (8.1, 30.2), QT.Q6_K: (6.4, 6.4), QT.Q8_0: (5.6, 5.5)}
+_OTHER_NS, _FLOAT_NS, READ_NS = (8.0, 20.0), 1.0, 10.0
 
 
 def encode(w: torch.Tensor | np.ndarray, qtype: QT, imatrix: np.ndarray | None = None) -> np.ndarray:
@@ -159,6 +164,17 @@ class GGUFExporter:
 
     def runtime_weight(self, spec, result, grid) -> torch.Tensor:
         return result.weight  # already the float32 values llama.cpp decodes
+
+    def encode_cost(self, spec) -> float:
+        """Relative time per element this exporter takes to write `spec` unquantized by GPTQ (convert.clock):
+        its type's search, with or without importance weights."""
+        p = self.plan.get(spec.name) if self.plan else None
+        if p is None:
+            return 1.0
+        if p.qtype in FLOAT_TYPES:
+            return READ_NS + _FLOAT_NS
+        plain, weighted = _ENCODE_NS.get(p.qtype, _OTHER_NS)
+        return READ_NS + (weighted if self.imatrix is not None else plain)
 
     def write_tensor(self, spec, tensor: torch.Tensor) -> None:
         m = _EXPERT.match(spec.name)

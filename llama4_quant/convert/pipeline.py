@@ -309,7 +309,7 @@ class Pipeline:
         calibrate = self.opt.method == "gptq" and any(g is not None for g in grids.values())
         if calibrate and calib_tokens is None:
             raise Llama4QuantError("GPTQ needs calibration tokens")
-        works, tail = _work(plan, calibrate, self._descends)
+        works, tail = _work(plan, calibrate, self._descends, getattr(self.exporter, "encode_cost", lambda spec: 1.0))
         self.clock = LayerClock(self.cfg.num_layers, tail, works=works)
         store = None
         ahead = Readahead()
@@ -957,10 +957,10 @@ class Pipeline:
         }
 
 
-def _work(plan: list[tuple[TensorSpec, Grid | None]], calibrated: bool, descends=lambda spec, grid: False
-          ) -> tuple[list[float], float]:
+def _work(plan: list[tuple[TensorSpec, Grid | None]], calibrated: bool, descends=lambda spec, grid: False,
+          cost=lambda spec: 1.0) -> tuple[list[float], float]:
     """Each decoder layer's work and the head's in layers (convert.clock); `descends(spec, grid)`: whether GPTQ
-    runs the coordinate descent on that tensor."""
+    runs the coordinate descent on that tensor; `cost(spec)`: the exporter's time per element without GPTQ."""
     layers: dict[int, float] = {}
     tail = 0.0
     for spec, grid in plan:
@@ -968,7 +968,8 @@ def _work(plan: list[tuple[TensorSpec, Grid | None]], calibrated: bool, descends
             continue
         # without a grid a tensor is copied, or encoded by the exporter itself (GGUF's RTN): rows x cols either way
         gptq = calibrated and grid is not None
-        work = tensor_work(spec.shape, spec.num_experts or 1, gptq, gptq and descends(spec, grid))
+        work = tensor_work(spec.shape, spec.num_experts or 1, gptq, gptq and descends(spec, grid),
+                           1.0 if gptq else cost(spec))
         if spec.layer is not None:
             layers[spec.layer] = layers.get(spec.layer, 0.0) + work
         elif spec.name == "output":

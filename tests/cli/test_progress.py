@@ -90,3 +90,24 @@ def test_a_conversion_reports_its_estimates(tiny_checkpoints, trained_model, tmp
     assert timing["remaining_seconds"] == sorted(timing["remaining_seconds"], reverse=True)
     assert timing["tail_layers"] > 0  # the quantized head
     assert all(x >= 0 for x in timing["eta_seconds"])
+
+
+def test_gguf_work_per_element_follows_the_type_and_the_importance(trained_model, tmp_path):
+    """Rounding-only GGUF: a Q4_K search costs more per element than Q6_K's, three times as much with importance
+    weights, so the clock weighs layers with Q6_K down projections and the Q6_K head below Q4_K layers."""
+    from llama4_quant.convert.gguf import GGUFExporter
+    from llama4_quant.model.readers import open_checkpoint
+    from llama4_quant.model.tensors import tensor_specs
+
+    with open_checkpoint(trained_model) as src:
+        ex = GGUFExporter(tmp_path / "m.gguf", "q4_k_m")
+        ex.prepare(src)
+        specs = {s.name: s for s in tensor_specs(src.config)}
+        types = {n: ex.plan[n].qtype.name for n in specs if n in ex.plan}
+        q4 = next(specs[n] for n, t in types.items() if t == "Q4_K" and specs[n].num_experts)
+        head = specs["output"]
+        assert types["output"] == "Q6_K"
+        plain = ex.encode_cost(q4), ex.encode_cost(head)
+        ex.imatrix = object()  # any importance: only its presence changes the search
+        weighted = ex.encode_cost(q4), ex.encode_cost(head)
+    assert plain[0] > plain[1] and weighted[1] == plain[1] and weighted[0] > 1.5 * plain[0]
