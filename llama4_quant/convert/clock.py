@@ -1,14 +1,17 @@
 """Wall time per decoder layer and the time-left estimate the progress bar shows.
 
 After each layer: the seconds per unit of work of the layers done so far times the work left (the layers' and,
-after the last layer, the head's). Work is counted per quantized tensor as GPTQ does it, rows x cols^2 (one block
-update per column pair), or rows x cols times the type's cost per element (the exporter's `encode_cost`: a Q4_K
-search with importance weights costs four times a Q6_K one) for rounding only, and GPTQ's descent on the codes
-(the router-aware tensors) counts `DESCENT_WORK` times that again. Layers differ: in q4_k_m some layers' down
-projections are Q6_K and others Q4_K, and only the Q4_K ones, in layers that have a later MoE layer, get the
-descent, so the first layer's seconds scale to each later layer by their work. Without per-layer work every layer
-counts the same (the mean layer time times the layers left). The embedding table, done before the first layer,
-is not part of any estimate. The conversion's report records what
+after the last layer, the head's). Work is counted per quantized tensor:
+
+- GPTQ: rows x cols^2 (one block update per column pair), and `DESCENT_WORK` times that again where GPTQ's
+  coordinate descent on the codes runs (the router-aware residual writers);
+- rounding only: rows x cols times the exporter's cost per element for the tensor's type (`encode_cost`; with
+  reading included, a Q4_K element with importance weights costs 2.3 times a Q6_K one).
+
+Layers differ: in q4_k_m some layers' down projections are Q6_K and others Q4_K, and only the Q4_K ones, in
+layers that have a later MoE layer, get the descent; so the first layer's seconds scale to each later layer by its
+work. Without per-layer work every layer counts the same (the mean layer time times the layers left). The
+embedding table, done before the first layer, is not part of any estimate. The conversion's report records what
 was estimated against what followed, so the estimate's error is measured on every run (bench/bench_scale.py
 prints it).
 """
