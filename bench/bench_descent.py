@@ -48,20 +48,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     metric = torch.randn(args.metric, args.rows, generator=g) / 8 if args.metric else None
     res = G.gptq(w, h, grid, G.GPTQConfig(act_order=True, rtn_guard=False), 4096)
 
-    def torch_loop(g_, h_, q, codes, step, a, lam, lo, hi, sweeps, block):
-        return G._descend_torch(g_, None if a is None else a @ g_, a, lam, q, codes, step, h_, lo, hi, sweeps, block)
-
     rows = []
-    for name, fn in [("compiled (cpu)", None)] + ([] if args.no_torch else [("torch loop", torch_loop)]):
-        real = G.descend
-        if fn is not None:
-            G.descend = fn
-        try:
-            t0 = time.perf_counter()
-            q, moved = G.coordinate_descent(w, res.weight, res.params, h, grid, 2, metric, 1.0)
-            seconds = time.perf_counter() - t0
-        finally:
-            G.descend = real
+    for name, compiled in [("compiled (cpu)", True)] + ([] if args.no_torch else [("torch loop", False)]):
+        t0 = time.perf_counter()
+        q, moved = G.coordinate_descent(w, res.weight, res.params, h, grid, 2, metric, 1.0, compiled=compiled)
+        seconds = time.perf_counter() - t0
         d = q - w
         rows.append({"path": name, "seconds": round(seconds, 2), "moves": moved,
                      "loss": float(((d @ h) * d).sum())})

@@ -510,13 +510,14 @@ def _finish(prep: _Prepared, job: GPTQJob, grid: Grid, config: GPTQConfig) -> li
 @torch.no_grad()
 def coordinate_descent(ref: torch.Tensor, q: torch.Tensor, params: list[Any], h: torch.Tensor, grid: Grid,
                        sweeps: int, metric: torch.Tensor | None = None, weight: float = 1.0,
-                       block: int = 64) -> tuple[torch.Tensor, int]:
+                       block: int = 64, compiled: bool | None = None) -> tuple[torch.Tensor, int]:
     """Greedy +-1 code moves, column by column (all rows at once), that lower
     L = tr(D H D^T) + lam tr(A D H D^T A^T), D = q - ref, A = `metric` [k, rows] (lam = `weight` x the ratio of the
     two terms at the start, so that they begin equal; no metric: lam = 0). A move of entry (r, j) by d changes L by
     2 d (G_rj + lam A_r . K_j) + d^2 H_jj (1 + lam |A_r|^2) with G = D H, K = A G, both kept up to date: exactly
     within a block of `block` columns, for the other columns by one product per block (on a CPU: compiled, and
-    rebuilt per block from the moves, quant.descent). Returns (q, number of moves)."""
+    rebuilt per block from the moves, quant.descent; `compiled`: None for that on a CPU and the torch loop
+    elsewhere, False for the torch loop anywhere). Returns (q, number of moves)."""
     rows, cols = q.shape
     sl = group_slices(cols, grid.group_size)
     step = torch.cat([grid.code_steps(p, s.stop - s.start) for s, p in zip(sl, params)], dim=1)
@@ -531,7 +532,9 @@ def coordinate_descent(ref: torch.Tensor, q: torch.Tensor, params: list[Any], h:
         routed = float(((a @ (q - ref)) * k).sum())
         lam = weight * plain / routed if routed > 0 else 0.0
     lo, hi = grid.code_range()
-    if q.device.type == "cpu":  # the same moves, compiled (quant.descent)
+    if compiled is None:
+        compiled = q.device.type == "cpu"
+    if compiled:  # the same moves, compiled (quant.descent)
         q, codes, moved = descend(g, h, q, codes, step, a if lam else None, lam, lo, hi, sweeps, block)
     else:
         q, codes, moved = _descend_torch(g, k, a, lam, q, codes, step, h, lo, hi, sweeps, block)
