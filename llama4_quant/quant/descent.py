@@ -141,7 +141,7 @@ def descend(g: torch.Tensor, h: torch.Tensor, q: torch.Tensor, codes: torch.Tens
     a = (metric.float().contiguous() if metric is not None else torch.zeros(0, rows)).numpy()
     asq = (a * a).sum(0).astype(np.float32) if a.shape[0] else np.zeros(rows, np.float32)
     lam = float(lam) if a.shape[0] else 0.0
-    qt = q.float().t().contiguous()
+    qt = q.float().t().contiguous()  # copies: the caller's q and codes stay as they were
     ct = codes.float().t().contiguous()
     st = step.float().t().contiguous()
     qn, cn, sn = qt.numpy(), ct.numpy(), st.numpy()
@@ -157,8 +157,7 @@ def descend(g: torch.Tensor, h: torch.Tensor, q: torch.Tensor, codes: torch.Tens
             if nm + rows * (b1 - b0) > mr.shape[0]:  # room for every row of every column of the block to move
                 grow = max(2 * mr.shape[0], nm + rows * (b1 - b0))
                 mr, mj, md = (np.concatenate([x[:nm], np.empty(grow - nm, x.dtype)]) for x in (mr, mj, md))
-            g = gb[:, : b1 - b0] if b1 - b0 < block else gb
-            g = np.ascontiguousarray(g)
+            g = gb if b1 - b0 == block else np.empty((rows, b1 - b0), np.float32)  # a narrower last block
             _block_columns(g0, np.ascontiguousarray(hn[:, b0:b1]), mr, mj, md, nm, b0, b1, g)
             kb = (a @ g).astype(np.float32) if a.shape[0] else np.zeros((0, b1 - b0), np.float32)
             nm = _descend_block(g, kb, a, asq, np.ascontiguousarray(hn[b0:b1, b0:b1]), hd[b0:b1],

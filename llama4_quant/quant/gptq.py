@@ -522,7 +522,6 @@ def coordinate_descent(ref: torch.Tensor, q: torch.Tensor, params: list[Any], h:
     sl = group_slices(cols, grid.group_size)
     step = torch.cat([grid.code_steps(p, s.stop - s.start) for s, p in zip(sl, params)], dim=1)
     codes = torch.cat([grid.codes(q[:, s], p) for s, p in zip(sl, params)], dim=1)
-    q = q.clone()
     g = (q - ref) @ h
     lam, a, k = 0.0, None, None
     if metric is not None:
@@ -537,7 +536,7 @@ def coordinate_descent(ref: torch.Tensor, q: torch.Tensor, params: list[Any], h:
     if compiled:  # the same moves, compiled (quant.descent)
         q, codes, moved = descend(g, h, q, codes, step, a if lam else None, lam, lo, hi, sweeps, block)
     else:
-        q, codes, moved = _descend_torch(g, k, a, lam, q, codes, step, h, lo, hi, sweeps, block)
+        q, codes, moved = _descend_torch(g, k, a, lam, q.clone(), codes, step, h, lo, hi, sweeps, block)
     if moved:  # exactly what the codes dequantize to (finalize / the GGUF packer recover them)
         q = torch.cat([grid.quantize(grid.from_codes(codes[:, s], p), p) for s, p in zip(sl, params)], dim=1)
     return q, moved
