@@ -143,9 +143,10 @@ def verify_options(fn):
 @click.option("--hessian-memory", default=None, type=SizeType(),
               help="Budget for the expert Hessians (and weights) held at once: experts are processed in chunks that "
                    "fit. [default: 8GiB on a GPU, 3GiB on a CPU]")
-@click.option("--router-aware/--no-router-aware", default=True, show_default=True,
-              help="GPTQ on int grids of at most 4 bits (w4a16): also steer the error of the Linears that write the "
-                   "residual stream (wo, down projections) away from what the later routers read (docs/quality.md).")
+@click.option("--router-aware/--no-router-aware", default=None,
+              help="GPTQ on grids of at most 4 bits: also steer the error of the Linears that write the residual "
+                   "stream (wo, down projections) away from what the later routers read (docs/quality.md). "
+                   "[default: on for int grids (w4a16), off for GGUF k-quants, where its gain was within noise]")
 @click.option("--gptq-experts", default=0, show_default=True, type=click.IntRange(min=0),
               help="GPTQ: routed experts quantized in one batched column loop (0: auto, the whole chunk on a GPU, "
                    "one on a CPU; each expert in flight holds float32 copies of its weights).")

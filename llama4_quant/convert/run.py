@@ -53,7 +53,8 @@ class ConvertOptions:
     batch_size: int = 4
     hessian_memory: int | None = None  # None: 8 GiB on a GPU, 3 GiB on a CPU (pipeline.chunk_budget)
     gptq_experts: int = 0  # routed experts per batched GPTQ loop (0: auto)
-    router_aware: bool = True  # GPTQ: coordinate descent against the later routers (pipeline.router_metric)
+    router_aware: bool | None = None  # GPTQ: coordinate descent against the later routers (pipeline.router_metric);
+    #                                   None: on int grids only
     router_max_bits: int = 4  # ... on grids of at most this many bits per code
     force: bool = False
     name: str | None = None  # GGUF general.name (default: the model directory's name)
