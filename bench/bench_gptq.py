@@ -177,11 +177,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens behind each expert's Hessians")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--columns", default="compiled", choices=["compiled", "torch"],
+                    help="GPTQ's sub-block column steps: compiled (quant.columns, CPUs) or the torch loop")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.columns == "torch":
+        from llama4_quant.quant import gptq
+
+        gptq.COMPILED_COLUMNS = False
     rate = matmul_rate(device)
     print(f"device {device}, {torch.get_num_threads()} threads: fp32 matmul {rate / 1e9:.1f} GFLOP/s "
           f"([{I} x {H}] @ [{H} x {H}])", flush=True)

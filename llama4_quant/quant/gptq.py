@@ -70,8 +70,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 
+from .columns import Affine, affine_grid, round_sub_block, tables
 from .descent import descend
 from .grid import Grid, IntGrid, IntParams, group_slices
 from .rtn import QuantRecord, QuantResult, hessian_loss, row_sample, rtn, weight_loss
@@ -690,6 +692,30 @@ def _gptq_pass(wT: torch.Tensor, factor: torch.Tensor, grid: Grid, params: list[
     if lazy:
         sub = math.gcd(sub, group)
     stacked = {}
+
+    def stack(g: int, k: int) -> None:  # group g's params for every item (k: the position of its column now)
+        c = columns[k]
+        for it, ps in enumerate(params):
+            if ps[g] is None:  # lazily fitted (a group starts here, natural order): on the weights as updated
+                j, s = divmod(it, S)
+                cur = _group_start(w, wT, factor, j, k, group)[offsets[s]:offsets[s + 1]]
+                imp = importance[j]
+                ps[g] = grid.fit(cur, None if imp is None else imp[c:c + group])
+        stacked[g] = _stack_rows([ps[g] for ps in params], item_rows)
+
+    compiled = _compiled_columns(grid, w, per_job)
+    if compiled is not None:
+        aff = compiled
+        per_group = 1 if not aff.sub else -(-group // aff.sub)
+        tab_s = torch.zeros(J, -(-C // group) * per_group, N)
+        tab_m = torch.zeros_like(tab_s)
+        prow = np.array([(c // group) * per_group + aff.index(c % group) for c in columns], np.int64)
+        cols_np = np.asarray(columns, np.int64)
+        w_np, wT_np, q_np = w.numpy(), wT.numpy(), qT.numpy()
+        wt_np = wtT.numpy() if keep_wt else q_np
+        r_np, rd_np = scaled.numpy(), rdiag.contiguous().numpy()
+        s_np, m_np = tab_s.numpy(), tab_m.numpy()
+        qmin, qmax = np.float32(aff.qmin), np.float32(aff.qmax)
     for i1 in range(0, C, bs):
         i2 = min(i1 + bs, C)
         n = i2 - i1
@@ -697,8 +723,25 @@ def _gptq_pass(wT: torch.Tensor, factor: torch.Tensor, grid: Grid, params: list[
         R1 = scaled[:, i1:i2, i1:i2]
         D1 = torch.empty(J, n, N, dtype=w.dtype, device=w.device)  # the block's d_j
         E1 = torch.empty(J, n, N, dtype=w.dtype, device=w.device)  # the block's e_j
+        if compiled is not None:
+            e_np, d_np = E1.numpy(), D1.numpy()
         for j1 in range(0, n, sub):
             j2 = min(j1 + sub, n)
+            if compiled is not None:
+                for i in range(j1, j2):
+                    g = columns[i1 + i] // group
+                    if g not in stacked:
+                        stack(g, i1 + i)
+                        ts, tm = tables(aff, stacked[g])
+                        rows_g = slice(g * per_group, g * per_group + ts.shape[0])
+                        tab_s[:, rows_g] = ts.view(-1, J, N).transpose(0, 1)
+                        tab_m[:, rows_g] = tm.view(-1, J, N).transpose(0, 1)
+                for j in range(J):
+                    round_sub_block(w_np[j], wT_np[j], cols_np, r_np[j], rd_np[j], s_np[j], m_np[j], prow, aff.mode,
+                                    qmin, qmax, i1, j1, j2, q_np[j], e_np[j], d_np[j], wt_np[j], keep_wt)
+                if j2 < n:
+                    W1[:, j2:].baddbmm_(R1[:, j1:j2, j2:].transpose(1, 2), D1[:, j1:j2])
+                continue
             for i in range(j1, j2):
                 col = W1[:, i]
                 if per_job:
@@ -711,13 +754,7 @@ def _gptq_pass(wT: torch.Tensor, factor: torch.Tensor, grid: Grid, params: list[
                     c = columns[i1 + i]
                     g, offset = divmod(c, group)
                     if g not in stacked:
-                        for it, ps in enumerate(params):
-                            if ps[g] is None:  # lazily fitted (a group starts here): on the weights as updated
-                                j, s = divmod(it, S)
-                                cur = _group_start(w, wT, factor, j, i1 + i, group)[offsets[s]:offsets[s + 1]]
-                                imp = importance[j]
-                                ps[g] = grid.fit(cur, None if imp is None else imp[c:c + group])
-                        stacked[g] = _stack_rows([ps[g] for ps in params], item_rows)
+                        stack(g, i1 + i)
                     qc = grid.quantize(col.reshape(J * N, 1), stacked[g], offset).view(J, N)
                 if keep_wt:
                     wtT[:, i1 + i] = col
@@ -745,6 +782,14 @@ def _gptq_pass(wT: torch.Tensor, factor: torch.Tensor, grid: Grid, params: list[
     return qT, wtT, loss / 2
 
 
+def _compiled_columns(grid: Grid, w: torch.Tensor, per_job: bool) -> Affine | None:
+    """The affine rounding the compiled sub-block steps (quant.columns) use for this pass, or None for the torch
+    loop: on a GPU, for per-job act-order loops, other dtypes and grids without an affine rounding."""
+    if w.device.type != "cpu" or w.dtype != torch.float32 or per_job or not COMPILED_COLUMNS:
+        return None
+    return affine_grid(grid)
+
+
 def _group_start(w: torch.Tensor, wT: torch.Tensor, factor: torch.Tensor, j: int, p: int, group: int) -> torch.Tensor:
     """Job j's weights [N, group] of the group whose first column is p (natural order: lazy groups), as GPTQ's
     usual form (pushing every error through U = R^-1) has them there: what a lazily fitted group is fitted on. That
@@ -762,6 +807,9 @@ def _group_start(w: torch.Tensor, wT: torch.Tensor, factor: torch.Tensor, j: int
 #: GPTQ's loss below this fraction of plain RTN's: the other RTN candidates are not computed (each costs a
 #: [rows x in x in] product; RTN on GPTQ's own grid is a few % better than plain RTN, never 20 %)
 CLEAR_WIN = 0.8
+
+#: the compiled sub-block column steps (quant.columns) on CPUs; False: the torch loop everywhere (tests compare them)
+COMPILED_COLUMNS = True
 
 #: A weight of at least SAMPLE_MIN_ROWS rows on a grid whose rows are independent first estimates plain RTN's loss
 #: from SAMPLE_ROWS of its rows (_sampled_rtn_loss): when GPTQ's exact loss is below SAMPLED_WIN x the estimate,
