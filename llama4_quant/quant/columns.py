@@ -40,18 +40,10 @@ class Affine:
 
 
 def affine_grid(grid) -> Affine | None:
-    """The grid's affine rounding, or None when it has none (its columns keep the torch loop)."""
-    from ..formats.gguf.grid import LEVEL_TYPES, BlockGrid
-    from .grid import IntGrid
-
-    if isinstance(grid, BlockGrid):
-        if grid.qtype in LEVEL_TYPES:
-            return None
-        return Affine(GGUF_LINEAR, float(grid._qmin), float(grid._qmax), int(grid._sub))
-    if isinstance(grid, IntGrid):
-        mode = INT_SYMMETRIC if grid.scheme.symmetric else INT_ZERO_POINT
-        return Affine(mode, float(grid.scheme.qmin), float(grid.scheme.qmax), 0)
-    return None
+    """The grid's affine rounding, or None when it has none (its columns keep the torch loop). A grid states its
+    own through an `affine()` method (quant.grid.IntGrid, formats.gguf.grid.BlockGrid); grids without one have none."""
+    describe = getattr(grid, "affine", None)
+    return describe() if callable(describe) else None
 
 
 def tables(affine: Affine, params) -> tuple[torch.Tensor, torch.Tensor]:

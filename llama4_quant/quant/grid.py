@@ -26,6 +26,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from .columns import INT_SYMMETRIC, INT_ZERO_POINT, Affine
 from .scheme import IntScheme, QuantizedLinear
 
 
@@ -80,6 +81,11 @@ class IntGrid:
     """
 
     rows_independent = True  # a row's fit and codes do not depend on the other rows (quant.gptq's sampled guard)
+
+    def affine(self) -> Affine:
+        """The grid's rounding as quant.columns' compiled GPTQ column steps read it."""
+        mode = INT_SYMMETRIC if self.scheme.symmetric else INT_ZERO_POINT
+        return Affine(mode, float(self.scheme.qmin), float(self.scheme.qmax), 0)
 
     def __init__(
         self,

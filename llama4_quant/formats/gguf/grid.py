@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...quant.columns import GGUF_LINEAR, Affine
 from . import quants as gq
 from .quants import QT
 
@@ -110,6 +111,13 @@ class BlockGrid:
             if bool(torch.isfinite(imp).all()) and float(imp.sum()) > 0:
                 imatrix = imp.numpy()
         return FittedBlock(gq.block_params(w.detach().float().cpu(), self.qtype, imatrix), w.device)
+
+    def affine(self) -> Affine | None:
+        """The affine rounding of the linear block types for GPTQ's compiled column steps (quant.columns); the
+        level-table types (IQ4_NL, IQ4_XS, MXFP4) have none."""
+        if self.qtype in LEVEL_TYPES:
+            return None
+        return Affine(GGUF_LINEAR, float(self._qmin), float(self._qmax), int(self._sub))
 
     def column_params(self, params: FittedBlock, offset: int) -> "ColumnBlock":
         """The scale/min of the sub-block holding column `offset`, for quantize(column, ..., 0) (batched act-order
