@@ -147,6 +147,10 @@ def verify_options(fn):
               help="GPTQ on grids of at most 4 bits: also steer the error of the Linears that write the residual "
                    "stream (wo, down projections) away from what the later routers read (docs/quality.md). "
                    "[default: on for int grids (w4a16), off for GGUF k-quants, where its gain was within noise]")
+@click.option("--refit-router/--no-refit-router", default=True, show_default=True,
+              help="GPTQ: refit each MoE layer's router (kept unquantized, same type and size) so that on the "
+                   "quantized model's own activations it gives the logits the original model gives, which routes "
+                   "fewer tokens to other experts than the original did (docs/quality.md).")
 @click.option("--gptq-experts", default=0, show_default=True, type=click.IntRange(min=0),
               help="GPTQ: routed experts quantized in one batched column loop (0: auto, the whole chunk on a GPU, "
                    "one on a CPU; each expert in flight holds float32 copies of its weights).")
@@ -185,7 +189,7 @@ def verify_options(fn):
 @handle_errors
 def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seqlen, seed, tokenizer_path, group_size,
                 targets, ignore, moe_calibration, min_expert_tokens, act_order, damp, shrink, observer, device, dtype,
-                batch_size, hessian_memory, router_aware, gptq_experts, max_shard_size, split_max_size, imatrix_file,
+                batch_size, hessian_memory, router_aware, refit_router, gptq_experts, max_shard_size, split_max_size, imatrix_file,
                 mmproj, mmproj_type,
                 mmproj_only, fit, target_size, target_bpw, fit_schemes, context, reserve, plan_file, plan_only, force,
                 verify,
@@ -206,8 +210,8 @@ def convert_cmd(model, out, to, scheme, method, calib, calib_samples, calib_seql
         targets=tuple(targets) or None, ignore=tuple(ignore) or None, observer=observer, max_shard_size=max_shard_size,
         split_max_size=split_max_size, imatrix_file=imatrix_file, moe_calibration=moe_calibration,
         min_expert_tokens=min_expert_tokens, act_order=act_order, damp=damp, shrink=shrink, device=device, dtype=dtype,
-        batch_size=batch_size, hessian_memory=hessian_memory, router_aware=router_aware, gptq_experts=gptq_experts,
-        force=force, mmproj=mmproj, mmproj_type=mmproj_type,
+        batch_size=batch_size, hessian_memory=hessian_memory, router_aware=router_aware, refit_router=refit_router,
+        gptq_experts=gptq_experts, force=force, mmproj=mmproj, mmproj_type=mmproj_type,
         mmproj_only=mmproj_only, fit=fit, target_size=target_size, target_bpw=target_bpw, context=context,
         reserve=reserve, plan=plan_file, plan_only=plan_only, fit_schemes=tuple(fit_schemes) or None,
         verify=VerifyOptions(eval_data=eval_data, ctx=verify_ctx, chunks=verify_chunks, max_ppl_increase=max_ppl_increase,

@@ -39,6 +39,7 @@ from ..formats.gguf.writer import GGUFFileWriter, check_destination, existing_ou
 from ..formats.manifest import SIDECAR_SUFFIX, ours
 from ..fsutil import sha256_file, write_json_atomic
 from .fit import FTYPE_GUESSED
+from .pipeline import router_refits
 
 METHODS = ("gptq", "imatrix", "rtn")
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
@@ -251,7 +252,7 @@ class GGUFExporter:
                             "reached them), as llama-quantize does without an imatrix")
         layers = [{"layer": l["layer"], "moe": l["moe"],
                    "tokens_per_expert": self.imatrix.tokens_per_expert(l["layer"]) if self.imatrix else None}
-                  for l in report.get("layers", [])]
+                  for l in report.get("layers", [])]  # imatrix runs: RTN, nothing calibrated, no router refit
         return {**report, "method": method, "tensors": dict(self.records), "layers": layers,
                 "rtn_fallbacks": fallbacks, "warnings": warnings}
 
@@ -296,6 +297,7 @@ class GGUFExporter:
             "seconds": round(seconds, 3),
             "timing": manifest.get("timing"),
             "rtn_guard": [l["rtn_guard"] for l in layers] if any("rtn_guard" in l for l in layers) else None,
+            "router_refit": router_refits(layers),
         }
         out["manifest"] = str(write_sidecar(out))
         return out

@@ -50,6 +50,7 @@ from ..model.readahead import Readahead
 from ..quant.gptq import GPTQConfig, GPTQJob, gptq_batch, gptq_rows
 from ..quant.grid import Grid, IntGrid
 from ..quant.hessian import HessianAccumulator
+from ..quant.router import RouterFit
 from ..quant.rtn import QuantResult, hessian_loss, row_sample, rtn
 
 # --targets vocabulary -> roles
@@ -170,6 +171,7 @@ class PipelineOptions:
     router_aware: bool | None = None  # shape residual writers' error away from the later routers: None (auto) on
     #                                   int grids, True on GGUF's linear grids too, False off (docs/quality.md)
     router_max_bits: int = 4  # ... of at most this many bits (at 8 bits it gained nothing: docs/quality.md)
+    refit_router: bool = True  # GPTQ: refit each (unquantized) router to the quantized stream (quant/router.py)
 
     def __post_init__(self) -> None:
         if self.method not in ("gptq", "rtn"):
@@ -313,6 +315,7 @@ class Pipeline:
         works, tail = _work(plan, calibrate, self._descends, getattr(self.exporter, "encode_cost", lambda spec: 1.0))
         self.clock = LayerClock(self.cfg.num_layers, tail, works=works)
         store = None
+        self.reference = None  # the unquantized model's calibration stream (refit_router)
         ahead = Readahead()
         try:
             # one sequential stream on the disk: the embedding table (which this thread reads next, and then
@@ -327,6 +330,9 @@ class Pipeline:
                 runner = LayerwiseRunner(self.source, self.device, self.opt.dtype, self.opt.batch_size,
                                          keep_experts=False, spill_bytes=self.opt.spill_bytes)
                 store = runner.embed(calib_tokens)
+                if self.opt.refit_router and any(self.cfg.is_moe(i) for i in range(self.cfg.num_layers)):
+                    self.reference = ActivationStore(*store.shape, spill_bytes=self.opt.spill_bytes)
+                    self.reference.data.copy_(store.data)
             self._release_source()  # the embedding table's pages, where a reader maps them
             for i in range(self.cfg.num_layers):
                 self._read_ahead(ahead, i + 1 if i + 1 < self.cfg.num_layers else None)
@@ -344,8 +350,10 @@ class Pipeline:
             raise
         finally:
             ahead.close()
-            if store is not None:
-                store.close()
+            for s in (store, self.reference):
+                if s is not None:
+                    s.close()
+            self.reference = None
         return result
 
     def _read_ahead(self, ahead: Readahead, layer: int | str | None) -> None:
@@ -454,6 +462,7 @@ class Pipeline:
         self.progress.layer_start(i, cfg.num_experts if moe else 0)
         p = f"layers.{i}."
         info: dict[str, Any] = {"layer": i, "moe": moe}
+        targets = self._reference_layer(i) if store is not None and self.reference is not None else None
         w = LayerWeights(self.source, i, self.device, opt.dtype, keep_experts=False)
         try:
             self.exporter.write_tensor(by_name[p + "attn_norm"], self.source.read(p + "attn_norm"))
@@ -462,7 +471,11 @@ class Pipeline:
                 self._apply(store, lambda h: h + attention_block(cfg, i, w, rms_norm(h, w.get("attn_norm"), cfg.rms_norm_eps)))
             self.exporter.write_tensor(by_name[p + "ffn_norm"], self.source.read(p + "ffn_norm"))
             if moe:
-                self.exporter.write_tensor(by_name[p + "router"], self.source.read(p + "router"))
+                router = self.source.read(p + "router")
+                if targets is not None:
+                    router = self._refit_router(i, store, w, router, targets, info)
+                    del targets
+                self.exporter.write_tensor(by_name[p + "router"], router)
                 self._moe(i, store, w, grids, by_name, info)
             else:
                 self._linears(i, store, w, ["mlp.gate", "mlp.up", "mlp.down"], grids, by_name, self._observe_dense)
@@ -483,6 +496,91 @@ class Pipeline:
                 "exact": sum(1 for r in recs.values() if r.get("rtn_rows") is None and r.get("rtn_loss") is not None)}
         self.layers.append(info)
         self.progress.layer_done(i, self.clock.layer_done())
+
+    # -- the router refit ------------------------------------------------------------------------------------------
+    def _reference_layer(self, i: int) -> torch.Tensor | None:
+        """Advance the unquantized model's calibration stream (self.reference) through layer i with the source's
+        own weights; for a MoE layer, return the router logits that model computes ([N, T, E] float32, on the
+        host): the targets of the router refit. Experts are read once each, a chunk at a time, one pass over the
+        stream per chunk (the first also runs attention and the shared expert)."""
+        cfg, opt = self.cfg, self.opt
+        ref = self.reference
+        N, T, H = ref.shape
+        self.progress.status(f"layer {i}: unquantized reference forward")
+        w = LayerWeights(self.source, i, self.device, opt.dtype, keep_experts=False)
+
+        def attend(h: torch.Tensor) -> torch.Tensor:
+            return h + attention_block(cfg, i, w, rms_norm(h, w.get("attn_norm"), cfg.rms_norm_eps))
+
+        try:
+            if not cfg.is_moe(i):
+                self._apply(ref, lambda h: (lambda a: a + dense_block(w, self._ffn_in(w, a)))(attend(h)))
+                return None
+            E = cfg.num_experts
+            chunk = expert_budget(cfg, chunk_budget(opt.hessian_budget_bytes, self.device))
+            starts = list(range(0, E, chunk))
+            logits = torch.empty(N, T, E, dtype=torch.float32)
+            out = ActivationStore(N, T, H, spill_bytes=opt.spill_bytes) if len(starts) > 1 else None
+            try:
+                with torch.no_grad():
+                    for c0 in starts:
+                        experts = range(c0, min(E, c0 + chunk))
+                        mats = {e: [self.source.read_expert(i, k, e).to(self.device, opt.dtype)
+                                    for k in ("gate", "up", "down")] for e in experts}
+                        for sl in self._batches(N):
+                            a = ref.get(sl, self.device, opt.dtype)
+                            if c0 == 0:
+                                a = attend(a)
+                            x2 = self._ffn_in(w, a).reshape(-1, H)
+                            if c0 == 0:
+                                logits[sl] = F.linear(x2, w.get("router")).float().view(-1, T, E).cpu()
+                                y = swiglu(x2, w.get("shared.gate"), w.get("shared.up"), w.get("shared.down"))
+                            else:
+                                y = out.get(sl, self.device, opt.dtype).reshape(-1, H)
+                            idx, scale = route(cfg, w, x2)
+                            for e in experts:
+                                tok, slot = torch.nonzero(idx == e, as_tuple=True)
+                                if tok.numel():
+                                    y.index_add_(0, tok, swiglu(x2[tok] * scale[tok, slot][:, None], *mats[e]))
+                            if c0 == starts[-1]:
+                                ref.put(sl, a + y.view(a.shape))
+                            else:  # later chunks start from the post-attention stream and the sum so far
+                                ref.put(sl, a)
+                                out.put(sl, y.view(a.shape))
+                        del mats
+            finally:
+                if out is not None:
+                    out.close()
+            return logits
+        finally:
+            w.free()
+            self._release_source()
+
+    def _refit_router(self, i: int, store: ActivationStore, w: LayerWeights, router: torch.Tensor,
+                      targets: torch.Tensor, info: dict) -> torch.Tensor:
+        """Layer i's router refitted (quant.router) so that on the quantized stream (store: after layer i's
+        quantized attention) it gives the logits the unquantized model gives on its own stream (`targets`). The
+        refit, in the source's dtype, replaces the router in `w` and is what gets written; it is kept only if it
+        fits the calibration logits better than the original (it always should; rounding to the dtype aside)."""
+        cfg = self.cfg
+        H, E = cfg.hidden_size, cfg.num_experts
+        fit = RouterFit(H, E, self.device)
+        with torch.no_grad():
+            for sl in self._batches(len(store)):
+                fit.add(self._ffn_in(w, store.get(sl, self.device, self.opt.dtype)).reshape(-1, H),
+                        targets[sl].to(self.device))
+        new = fit.solve(router.to(self.device)).to(router.dtype).cpu()
+        before, after = fit.error(router), fit.error(new)
+        kept = after < before
+        energy = max(fit.c, 1e-30)
+        info["router_refit"] = {"kept": kept, "tokens": fit.n_tokens,
+                                "rel_change": float((new.float() - router.float()).norm()
+                                                    / router.float().norm().clamp_min(1e-30)),
+                                "rel_logit_error_before": before / energy, "rel_logit_error_after": after / energy}
+        if not kept:
+            return router
+        w.set("router", new)
+        return new
 
     def _ffn_in(self, w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         return rms_norm(h, w.get("ffn_norm"), self.cfg.rms_norm_eps)
@@ -981,6 +1079,11 @@ def _work(plan: list[tuple[TensorSpec, Grid | None]], calibrated: bool, descends
             tail += work
     works = [layers[i] for i in sorted(layers)]
     return works, tail_share(works, tail)
+
+
+def router_refits(layers: list[dict[str, Any]]) -> dict[str, dict] | None:
+    """{layer: its router refit record} for a report's layers (the summaries' `router_refit`), None without any."""
+    return {str(l["layer"]): l["router_refit"] for l in layers if "router_refit" in l} or None
 
 
 def output_energy(w: torch.Tensor, h: torch.Tensor, sample_rows: int = 512) -> float:

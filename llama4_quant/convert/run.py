@@ -56,6 +56,7 @@ class ConvertOptions:
     router_aware: bool | None = None  # GPTQ: coordinate descent against the later routers (pipeline.router_metric);
     #                                   None: on int grids only
     router_max_bits: int = 4  # ... on grids of at most this many bits per code
+    refit_router: bool = True  # GPTQ: refit the unquantized routers to the quantized stream (quant/router.py)
     force: bool = False
     name: str | None = None  # GGUF general.name (default: the model directory's name)
     # per-tensor GGUF types / per-module safetensors schemes for a budget (convert/fit.py), or replayed from a plan
@@ -186,7 +187,8 @@ def _run(o: ConvertOptions, fmt, scheme: str, method: str, warnings: list[str], 
                             moe_calibration=o.moe_calibration, min_expert_tokens=o.min_expert_tokens, device=dev,
                             dtype=resolve_dtype(o.dtype, dev), batch_size=o.batch_size,
                             hessian_budget_bytes=o.hessian_memory, gptq_experts=o.gptq_experts,
-                            router_aware=o.router_aware, router_max_bits=o.router_max_bits)
+                            router_aware=o.router_aware, router_max_bits=o.router_max_bits,
+                            refit_router=o.refit_router)
     fmt.configure(exporter, o, method, info, is_hub_id=source is None and _is_hub_id(o.model))
     if ranks.active and method != "gptq":
         raise Llama4QuantError(f"--method {method} has no calibration to share out: run it in one process "

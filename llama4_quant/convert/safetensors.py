@@ -45,7 +45,7 @@ from ..quant.grid import Grid
 from ..quant.rtn import QuantResult
 from ..quant.scheme import SCHEMES, IntScheme, QuantizedLinear, Scheme, make_scheme
 from ..model.tensors import TensorSpec
-from .pipeline import Selection
+from .pipeline import Selection, router_refits
 from .sizes import DEFAULT_MAX_SHARD_BYTES, header_reserve as default_header_reserve
 
 # the text model's module prefix in either layout (see SafetensorsExporter.ignore_list)
@@ -544,6 +544,7 @@ def summary(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
                               "zero_token_experts": sum(1 for n in flat if n == 0)} if flat else None,
         "warnings": manifest["warnings"],
         "timing": manifest.get("timing"),
+        "router_refit": router_refits(layers),
         "manifest": MANIFEST,
     }
 

@@ -263,6 +263,7 @@ def test_staged_forward_matches_runner(tiny_dense, mode):
     class P(Pipeline):
         def _head(self, spec, grid, store):
             captured["h"] = store.data.clone()
+            captured["reference"] = self.reference.data.clone()  # the router refit's unquantized stream
             super()._head(spec, grid, store)
 
     exp = _CaptureExporter()
@@ -272,6 +273,7 @@ def test_staged_forward_matches_runner(tiny_dense, mode):
     store = runner.embed(tokens)
     runner.run_layers(store)
     torch.testing.assert_close(captured["h"], store.data, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(captured["reference"], store.data, rtol=1e-5, atol=1e-5)
     specs = tensor_specs(src.config)
     assert exp.written[0] == "tok_embeddings" and exp.written[-1] == "output"
     assert len(exp.written) == sum(max(1, s.num_experts) for s in specs)
