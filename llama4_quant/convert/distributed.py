@@ -181,6 +181,11 @@ class ShadowExporter:
     def runtime_weight(self, spec, result, grid):
         return self.real.runtime_weight(spec, result, grid)
 
+    def __getattr__(self, name: str):
+        if name == "runtime_rows":  # only where the real exporter has it (pipeline._runtime_embeddings)
+            return getattr(self.real, name)
+        raise AttributeError(name)
+
     def begin(self, source, plan) -> None:
         pass
 

@@ -166,6 +166,20 @@ class GGUFExporter:
     def runtime_weight(self, spec, result, grid) -> torch.Tensor:
         return result.weight  # already the float32 values llama.cpp decodes
 
+    def runtime_rows(self, spec, rows: torch.Tensor) -> torch.Tensor:
+        """The float32 values llama.cpp computes with for rows of a tensor this exporter encodes itself
+        (write_tensor / write_rows: the embeddings): the rows encoded as they are written, and decoded. GGML types
+        encode each row on its own, so any subset of rows decodes as it does in the file."""
+        p = self.plan[spec.name]
+        data = encode(rows, p.qtype, self._importance(spec.name, p, None))
+        if p.qtype in gq.SUPPORTED_TYPES:
+            values = gq.dequantize(data, p.qtype, tuple(rows.shape))
+        else:
+            from gguf.quants import dequantize as gguf_dequantize
+
+            values = gguf_dequantize(data, p.qtype).reshape(tuple(rows.shape))
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+
     def encode_cost(self, spec) -> float:
         """Relative time per element this exporter takes to write `spec` unquantized by GPTQ (convert.clock):
         its type's search, with or without importance weights."""

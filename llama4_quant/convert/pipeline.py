@@ -329,10 +329,13 @@ class Pipeline:
                 self.progress.status("embedding calibration tokens")
                 runner = LayerwiseRunner(self.source, self.device, self.opt.dtype, self.opt.batch_size,
                                          keep_experts=False, spill_bytes=self.opt.spill_bytes)
-                store = runner.embed(calib_tokens)
+                rows, inverse = runner.embedding_rows(calib_tokens)
                 if self.opt.refit_router and any(self.cfg.is_moe(i) for i in range(self.cfg.num_layers)):
-                    self.reference = ActivationStore(*store.shape, spill_bytes=self.opt.spill_bytes)
-                    self.reference.data.copy_(store.data)
+                    self.reference = runner.fill(rows, inverse)
+                # the quantized stream starts from the embeddings the runtime computes with (GGUF quantizes the
+                # table: q4_k_m's token_embd is Q4_K), so layer 0 is calibrated on the inputs it will get
+                store = runner.fill(self._runtime_embeddings(by_name["tok_embeddings"], rows), inverse)
+                del rows, inverse
             self._release_source()  # the embedding table's pages, where a reader maps them
             for i in range(self.cfg.num_layers):
                 self._read_ahead(ahead, i + 1 if i + 1 < self.cfg.num_layers else None)
@@ -388,6 +391,13 @@ class Pipeline:
         if grid is None and self._in_row_blocks(spec, "tok_embeddings"):
             return
         self._write_plain_or_rtn(spec, self.source.read("tok_embeddings"), grid)
+
+    def _runtime_embeddings(self, spec: TensorSpec, rows: torch.Tensor) -> torch.Tensor:
+        """Embedding rows as the output's runtime computes with them: encoded by the exporter itself where it
+        quantizes the table (`runtime_rows`: GGUF's types), else as stored (no format quantizes the embeddings
+        through a grid: Selection never selects them)."""
+        runtime_rows = getattr(self.exporter, "runtime_rows", None)
+        return rows if runtime_rows is None else runtime_rows(spec, rows).float()
 
     def _head(self, spec: TensorSpec, grid: Grid | None, store: ActivationStore | None) -> None:
         if grid is None and self._in_row_blocks(spec, "output"):

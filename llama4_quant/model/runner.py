@@ -97,6 +97,12 @@ class LayerwiseRunner:
             yield slice(s, min(n, s + self.batch_size))
 
     def embed(self, tokens: torch.Tensor) -> ActivationStore:
+        return self.fill(*self.embedding_rows(tokens))
+
+    def embedding_rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [U, H] float32: the embedding of each distinct token id, inverse [N, T]: the row of each token).
+        Only the rows the tokens use are read, a block of the table at a time: memory stays at one block, not the
+        202,048 x 5,120 table (2 GB in bf16)."""
         N, T = tokens.shape
         if int(tokens.max()) >= self.cfg.vocab_size or int(tokens.min()) < 0:
             from ..errors import Llama4QuantError
@@ -105,17 +111,11 @@ class LayerwiseRunner:
                 f"token id {int(tokens.max())} is outside the model's vocabulary of {self.cfg.vocab_size}"
                 " (tokenizer does not match the model?)"
             )
-        store = ActivationStore(N, T, self.cfg.hidden_size, self.spill_bytes)
+        ids, inverse = torch.unique(tokens.reshape(-1), return_inverse=True)
+        inverse = inverse.view(N, T)
         read_rows = getattr(self.source, "read_rows", None)
         if read_rows is None:
-            emb = self.source.read("tok_embeddings")
-            for sl in self.batches(N):
-                store.put(sl, emb[tokens[sl]].float())
-            return store
-        # only the rows the tokens use, a block of the table at a time: memory stays at one block, not the
-        # 202,048 x 5,120 table (2 GB in bf16)
-        flat = tokens.reshape(-1)
-        ids, inverse = torch.unique(flat, return_inverse=True)
+            return self.source.read("tok_embeddings")[ids].float(), inverse
         rows = torch.empty(ids.numel(), self.cfg.hidden_size, dtype=torch.float32)
         step = max(1, EMBED_BLOCK_ELEMENTS // self.cfg.hidden_size)
         for k0 in range(0, ids.numel()):
@@ -127,7 +127,12 @@ class LayerwiseRunner:
             sel = torch.nonzero((ids >= b0) & (ids < b1)).squeeze(1)
             rows[sel] = block[ids[sel] - b0].float()
             del block
-        inverse = inverse.view(N, T)
+        return rows, inverse
+
+    def fill(self, rows: torch.Tensor, inverse: torch.Tensor) -> ActivationStore:
+        """A store of the hidden states rows[inverse] (see embedding_rows)."""
+        N, T = inverse.shape
+        store = ActivationStore(N, T, self.cfg.hidden_size, self.spill_bytes)
         for sl in self.batches(N):
             store.put(sl, rows[inverse[sl]])
         return store
