@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--dir", default="/tmp/scout-bench")
     ap.add_argument("--runs", default="rtn,imatrix,llama.cpp,llama.cpp-imatrix",
-                    help="comma list of: rtn imatrix gptq w4a16 fp8 llama.cpp llama.cpp-imatrix")
+                    help="comma list of: rtn imatrix gptq gptq-norefit w4a16 fp8 llama.cpp llama.cpp-imatrix")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--calib-seqlen", type=int, default=128)
@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
         "rtn": (["--to", "gguf", "--scheme", "q4_k_m", "--method", "rtn"], "gguf"),
         "imatrix": (["--to", "gguf", "--scheme", "q4_k_m", "--method", "imatrix", *cal], "gguf"),
         "gptq": (["--to", "gguf", "--scheme", "q4_k_m", "--method", "gptq", *cal], "gguf"),
+        # the same without the router refit (its unquantized reference forward): the refit's cost, A/B
+        "gptq-norefit": (["--to", "gguf", "--scheme", "q4_k_m", "--method", "gptq", "--no-refit-router", *cal], "gguf"),
         "w4a16": (["--to", "safetensors", "--scheme", "w4a16", "--method", "rtn"], "st"),
         "fp8": (["--to", "safetensors", "--scheme", "fp8-dynamic"], "st"),
     }
