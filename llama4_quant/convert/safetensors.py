@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +226,8 @@ class SafetensorsExporter:
         self.tmp: Path | None = None
         self.writer: ShardedWriter | None = None
         self.source: CheckpointReader | None = None
-        self._last: tuple[int, QuantizedLinear] | None = None
+        # the last written result (a weak reference: an id() could be reused by a later result) and its packing
+        self._last: tuple[weakref.ref, QuantizedLinear] | None = None
         self._grids: dict[tuple, Grid] = {}
         self.warnings: list[str] = []
         self.check_destination()
@@ -314,7 +316,7 @@ class SafetensorsExporter:
             self.writer.add(name, source.read_raw(name))
 
     def runtime_weight(self, spec: TensorSpec, result: QuantResult, grid: Grid) -> torch.Tensor:
-        q = self._last[1] if self._last and self._last[0] == id(result) else result.finalize(grid)
+        q = self._last[1] if self._last and self._last[0]() is result else result.finalize(grid)
         return q.dequantize(self.model_dtype)  # what compressed-tensors decompresses to
 
     def write_tensor(self, spec: TensorSpec, tensor: torch.Tensor) -> None:
@@ -322,7 +324,7 @@ class SafetensorsExporter:
 
     def write_quantized(self, spec: TensorSpec, expert: int | None, result: QuantResult, grid: Grid) -> None:
         q = result.finalize(grid)
-        self._last = (id(result), q)
+        self._last = (weakref.ref(result), q)
         module = self.module_name(spec.name if expert is None else spec.expert_name(expert))
         for key, t in ct_tensors.linear_tensors(q, self.model_dtype).items():
             self.writer.add(f"{module}.{key}", t)
