@@ -316,6 +316,8 @@ class Pipeline:
         self.clock = LayerClock(self.cfg.num_layers, tail, works=works)
         store = None
         self.reference = None  # the unquantized model's calibration stream (refit_router)
+        self._ref_ffn: ActivationStore | None = None  # ... its FFN output of the MoE layer being converted
+        self._ref_router: torch.Tensor | None = None  # ... and that layer's original router
         ahead = Readahead()
         try:
             # one sequential stream on the disk: the embedding table (which this thread reads next, and then
@@ -353,10 +355,10 @@ class Pipeline:
             raise
         finally:
             ahead.close()
-            for s in (store, self.reference):
+            for s in (store, self.reference, self._ref_ffn):
                 if s is not None:
                     s.close()
-            self.reference = None
+            self.reference = self._ref_ffn = None
         return result
 
     def _read_ahead(self, ahead: Readahead, layer: int | str | None) -> None:
@@ -472,7 +474,7 @@ class Pipeline:
         self.progress.layer_start(i, cfg.num_experts if moe else 0)
         p = f"layers.{i}."
         info: dict[str, Any] = {"layer": i, "moe": moe}
-        targets = self._reference_layer(i) if store is not None and self.reference is not None else None
+        targets = self._reference_start(i) if store is not None and self.reference is not None else None
         w = LayerWeights(self.source, i, self.device, opt.dtype, keep_experts=False)
         try:
             self.exporter.write_tensor(by_name[p + "attn_norm"], self.source.read(p + "attn_norm"))
@@ -508,63 +510,63 @@ class Pipeline:
         self.progress.layer_done(i, self.clock.layer_done())
 
     # -- the router refit ------------------------------------------------------------------------------------------
-    def _reference_layer(self, i: int) -> torch.Tensor | None:
-        """Advance the unquantized model's calibration stream (self.reference) through layer i with the source's
-        own weights; for a MoE layer, return the router logits that model computes ([N, T, E] float32, on the
-        host): the targets of the router refit. Experts are read once each, a chunk at a time, one pass over the
-        stream per chunk (the first also runs attention and the shared expert)."""
+    def _reference_start(self, i: int) -> torch.Tensor | None:
+        """Advance the unquantized model's calibration stream (self.reference) through layer i's attention with the
+        source's weights, and through its FFN if dense. For a MoE layer, return the router logits the unquantized
+        model computes ([N, T, E] float32, on the host: the router refit's targets) and start its FFN output
+        (self._ref_ffn) with the shared expert's; the routed experts add theirs in `_expert_chunk`, from the weights
+        read there for GPTQ's statistics (no second read of an expert), and `_reference_finish` adds it all."""
         cfg, opt = self.cfg, self.opt
         ref = self.reference
         N, T, H = ref.shape
-        self.progress.status(f"layer {i}: unquantized reference forward")
         w = LayerWeights(self.source, i, self.device, opt.dtype, keep_experts=False)
-
-        def attend(h: torch.Tensor) -> torch.Tensor:
-            return h + attention_block(cfg, i, w, rms_norm(h, w.get("attn_norm"), cfg.rms_norm_eps))
-
         try:
+            self._apply(ref, lambda h: h + attention_block(cfg, i, w, rms_norm(h, w.get("attn_norm"), cfg.rms_norm_eps)))
             if not cfg.is_moe(i):
-                self._apply(ref, lambda h: (lambda a: a + dense_block(w, self._ffn_in(w, a)))(attend(h)))
+                self._apply(ref, lambda a: a + dense_block(w, self._ffn_in(w, a)))
                 return None
             E = cfg.num_experts
-            chunk = expert_budget(cfg, chunk_budget(opt.hessian_budget_bytes, self.device))
-            starts = list(range(0, E, chunk))
             logits = torch.empty(N, T, E, dtype=torch.float32)
-            out = ActivationStore(N, T, H, spill_bytes=opt.spill_bytes) if len(starts) > 1 else None
-            try:
-                with torch.no_grad():
-                    for c0 in starts:
-                        experts = range(c0, min(E, c0 + chunk))
-                        mats = {e: [self.source.read_expert(i, k, e).to(self.device, opt.dtype)
-                                    for k in ("gate", "up", "down")] for e in experts}
-                        for sl in self._batches(N):
-                            a = ref.get(sl, self.device, opt.dtype)
-                            if c0 == 0:
-                                a = attend(a)
-                            x2 = self._ffn_in(w, a).reshape(-1, H)
-                            if c0 == 0:
-                                logits[sl] = F.linear(x2, w.get("router")).float().view(-1, T, E).cpu()
-                                y = swiglu(x2, w.get("shared.gate"), w.get("shared.up"), w.get("shared.down"))
-                            else:
-                                y = out.get(sl, self.device, opt.dtype).reshape(-1, H)
-                            idx, scale = route(cfg, w, x2)
-                            for e in experts:
-                                tok, slot = torch.nonzero(idx == e, as_tuple=True)
-                                if tok.numel():
-                                    y.index_add_(0, tok, swiglu(x2[tok] * scale[tok, slot][:, None], *mats[e]))
-                            if c0 == starts[-1]:
-                                ref.put(sl, a + y.view(a.shape))
-                            else:  # later chunks start from the post-attention stream and the sum so far
-                                ref.put(sl, a)
-                                out.put(sl, y.view(a.shape))
-                        del mats
-            finally:
-                if out is not None:
-                    out.close()
+            self._ref_ffn = ActivationStore(N, T, H, spill_bytes=opt.spill_bytes)
+            self._ref_router = w.get("router")
+            with torch.no_grad():
+                for sl in self._batches(N):
+                    x2 = self._ffn_in(w, ref.get(sl, self.device, opt.dtype)).reshape(-1, H)
+                    logits[sl] = F.linear(x2, self._ref_router).float().view(-1, T, E).cpu()
+                    self._ref_ffn.put(sl, swiglu(x2, w.get("shared.gate"), w.get("shared.up"),
+                                                 w.get("shared.down")).view(-1, T, H))
             return logits
         finally:
             w.free()
-            self._release_source()
+
+    def _reference_experts(self, w: LayerWeights, weights: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Add the routed experts `weights` ({expert: source weights}, this rank's share of a chunk) to the
+        unquantized stream's FFN output, routed by the original router (expert-parallel: summed over the ranks)."""
+        cfg, opt = self.cfg, self.opt
+        H = cfg.hidden_size
+        mats = {e: [m[k].to(self.device, opt.dtype) for k in ("gate", "up", "down")] for e, m in weights.items()}
+        with torch.no_grad():
+            for sl in self._batches(len(self.reference)):
+                x2 = self._ffn_in(w, self.reference.get(sl, self.device, opt.dtype)).reshape(-1, H)
+                idx, scale = route(cfg, w, x2, self._ref_router)
+                y = self._ref_ffn.get(sl, self.device, opt.dtype)
+                part = torch.zeros_like(x2) if self.ranks.active else y.view(-1, H)
+                for e, m in mats.items():
+                    tok, slot = torch.nonzero(idx == e, as_tuple=True)
+                    if tok.numel():
+                        part.index_add_(0, tok, swiglu(x2[tok] * scale[tok, slot][:, None], *m))
+                if self.ranks.active:
+                    self.ranks.all_sum(part)
+                    y = y + part.view(y.shape)
+                self._ref_ffn.put(sl, y)
+
+    def _reference_finish(self) -> None:
+        """The unquantized stream past the MoE layer: its post-attention state plus the FFN output gathered."""
+        ref, out = self.reference, self._ref_ffn
+        for sl in self._batches(len(ref)):
+            ref.put(sl, ref.get(sl, self.device, self.opt.dtype) + out.get(sl, self.device, self.opt.dtype))
+        out.close()
+        self._ref_ffn = self._ref_router = None
 
     def _refit_router(self, i: int, store: ActivationStore, w: LayerWeights, router: torch.Tensor,
                       targets: torch.Tensor, info: dict) -> torch.Tensor:
@@ -729,6 +731,8 @@ class Pipeline:
         finally:
             if out is not None:
                 out.close()
+        if self._ref_ffn is not None:
+            self._reference_finish()
         if calibrate and opt.moe_calibration == "routed" and quantized:
             few = [e for e in range(E) if 0 < counts[e] < opt.min_expert_tokens]
             if info["zero_token_experts"] or few:
@@ -749,8 +753,12 @@ class Pipeline:
 
         ranks = self.ranks
         mine = [e for e in experts if ranks.owns(e)]  # all of them in one process
-        # the statistics pass needs the whole chunk's weights; otherwise read each expert just in time
-        weights = {e: read(e) for e in mine} if gptq_stats else {}
+        # the statistics pass (and the unquantized stream) need the whole chunk's weights; otherwise read each
+        # expert just in time
+        reference = calibrate and self._ref_ffn is not None
+        weights = {e: read(e) for e in mine} if gptq_stats or reference else {}
+        if reference:
+            self._reference_experts(w, weights)
         acc_in: dict[int, HessianAccumulator] = {}
         acc_dn: dict[int, HessianAccumulator] = {}
         if gptq_stats:

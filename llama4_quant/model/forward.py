@@ -153,9 +153,11 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
     return F.linear(h, down)
 
 
-def route(cfg: Llama4Config, w: LayerWeights, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(expert indices [N, k], input scales [N, k]) for flattened tokens x2d [N, H]."""
-    logits = F.linear(x2d, w.get("router"))
+def route(cfg: Llama4Config, w: LayerWeights, x2d: torch.Tensor,
+          router: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert indices [N, k], input scales [N, k]) for flattened tokens x2d [N, H], with the layer's router (or
+    `router` [E, H] in its place)."""
+    logits = F.linear(x2d, w.get("router") if router is None else router)
     top, idx = torch.topk(logits, cfg.top_k, dim=-1)
     return idx, torch.sigmoid(top.float()).to(x2d.dtype)
 
