@@ -541,24 +541,33 @@ class Pipeline:
 
     def _reference_experts(self, w: LayerWeights, weights: dict[int, dict[str, torch.Tensor]]) -> None:
         """Add the routed experts `weights` ({expert: source weights}, this rank's share of a chunk) to the
-        unquantized stream's FFN output, routed by the original router (expert-parallel: summed over the ranks)."""
-        cfg, opt = self.cfg, self.opt
+        unquantized stream's FFN output, routed by the original router."""
+        mats = {e: [m[k].to(self.device, self.opt.dtype) for k in ("gate", "up", "down")] for e, m in weights.items()}
+        self._add_routed(w, self.reference, self._ref_ffn, mats, self._ref_router)
+
+    def _add_routed(self, w: LayerWeights, store: ActivationStore, acc: ActivationStore,
+                    mats: dict[int, list[torch.Tensor]], router: torch.Tensor | None = None) -> None:
+        """acc += the output of the routed experts `mats` ({expert: [gate, up, down]}) for the tokens of `store`
+        (states before the FFN) routed to them, by the layer's router or `router`. Expert-parallel: `mats` is this
+        rank's share, and the ranks' parts are summed (top-1 routing: every token gets one expert's output and
+        zeros, so the sum is exact)."""
+        cfg, opt, ranks = self.cfg, self.opt, self.ranks
         H = cfg.hidden_size
-        mats = {e: [m[k].to(self.device, opt.dtype) for k in ("gate", "up", "down")] for e, m in weights.items()}
         with torch.no_grad():
-            for sl in self._batches(len(self.reference)):
-                x2 = self._ffn_in(w, self.reference.get(sl, self.device, opt.dtype)).reshape(-1, H)
-                idx, scale = route(cfg, w, x2, self._ref_router)
-                y = self._ref_ffn.get(sl, self.device, opt.dtype)
-                part = torch.zeros_like(x2) if self.ranks.active else y.view(-1, H)
+            for sl in self._batches(len(store)):
+                h = store.get(sl, self.device, opt.dtype)
+                x2 = self._ffn_in(w, h).reshape(-1, H)
+                idx, scale = route(cfg, w, x2, router)
+                y = acc.get(sl, self.device, opt.dtype).reshape(-1, H)
+                part = torch.zeros_like(y) if ranks.active else y
                 for e, m in mats.items():
                     tok, slot = torch.nonzero(idx == e, as_tuple=True)
                     if tok.numel():
                         part.index_add_(0, tok, swiglu(x2[tok] * scale[tok, slot][:, None], *m))
-                if self.ranks.active:
-                    self.ranks.all_sum(part)
-                    y = y + part.view(y.shape)
-                self._ref_ffn.put(sl, y)
+                if ranks.active:
+                    ranks.all_sum(part)
+                    y = y + part
+                acc.put(sl, y.view(h.shape))
 
     def _reference_finish(self) -> None:
         """The unquantized stream past the MoE layer: its post-attention state plus the FFN output gathered."""
@@ -831,24 +840,7 @@ class Pipeline:
             del sent
         if out is None:
             return
-        dev_q = {e: [t.to(self.device, opt.dtype) for t in runtime.pop(e)] for e in mine}
-        with torch.no_grad():
-            for sl in self._batches(len(store)):
-                h = store.get(sl, self.device, opt.dtype)
-                x2 = self._ffn_in(w, h).reshape(-1, H)
-                idx, scale = route(cfg, w, x2)
-                acc = out.get(sl, self.device, opt.dtype).reshape(-1, H)
-                part = torch.zeros_like(acc) if ranks.active else acc
-                for e in mine:
-                    tok, slot = torch.nonzero(idx == e, as_tuple=True)
-                    if tok.numel():
-                        xin = x2[tok] * scale[tok, slot][:, None]
-                        part.index_add_(0, tok, swiglu(xin, *dev_q[e]))
-                if ranks.active:
-                    # top-1 routing: every token gets one expert's output and zeros, so the sum is exact
-                    ranks.all_sum(part)
-                    acc = acc + part
-                out.put(sl, acc.view(h.shape))
+        self._add_routed(w, store, out, {e: [t.to(self.device, opt.dtype) for t in runtime.pop(e)] for e in mine})
 
     def _router_aware(self, i: int, grid: Grid | None) -> bool:
         """Whether a residual writer of layer i on `grid` gets the router-aware descent (router_metric). Auto
