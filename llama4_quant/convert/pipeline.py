@@ -483,12 +483,12 @@ class Pipeline:
                 self._apply(store, lambda h: h + attention_block(cfg, i, w, rms_norm(h, w.get("attn_norm"), cfg.rms_norm_eps)))
             self.exporter.write_tensor(by_name[p + "ffn_norm"], self.source.read(p + "ffn_norm"))
             if moe:
-                router = self.source.read(p + "router")
+                router, ffn_in = self.source.read(p + "router"), None
                 if targets is not None:
-                    router = self._refit_router(i, store, w, router, targets, info)
+                    router, ffn_in = self._refit_router(i, store, w, router, targets, info)
                     del targets
                 self.exporter.write_tensor(by_name[p + "router"], router)
-                self._moe(i, store, w, grids, by_name, info)
+                self._moe(i, store, w, grids, by_name, info, ffn_in)
             else:
                 self._linears(i, store, w, ["mlp.gate", "mlp.up", "mlp.down"], grids, by_name, self._observe_dense)
                 if store is not None:
@@ -578,11 +578,13 @@ class Pipeline:
         self._ref_ffn = self._ref_router = None
 
     def _refit_router(self, i: int, store: ActivationStore, w: LayerWeights, router: torch.Tensor,
-                      targets: torch.Tensor, info: dict) -> torch.Tensor:
+                      targets: torch.Tensor, info: dict) -> tuple[torch.Tensor, HessianAccumulator]:
         """Layer i's router refitted (quant.router) so that on the quantized stream (store: after layer i's
         quantized attention) it gives the logits the unquantized model gives on its own stream (`targets`). The
         refit, in the source's dtype, replaces the router in `w` and is what gets written; it is kept only if it
-        fits the calibration logits better than the original (it always should; rounding to the dtype aside)."""
+        fits the calibration logits better than the original (it always should; rounding to the dtype aside).
+        Also returns the Hessian of the FFN input it accumulated: the shared expert's gate/up read that input, so
+        their GPTQ takes it instead of a second pass (the same batches in the same order: the same matrix)."""
         cfg = self.cfg
         H, E = cfg.hidden_size, cfg.num_experts
         fit = RouterFit(H, E, self.device)
@@ -599,9 +601,9 @@ class Pipeline:
                                                     / router.float().norm().clamp_min(1e-30)),
                                 "rel_logit_error_before": before / energy, "rel_logit_error_after": after / energy}
         if not kept:
-            return router
+            return router, fit.inputs
         w.set("router", new)
-        return new
+        return new, fit.inputs
 
     def _ffn_in(self, w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         return rms_norm(h, w.get("ffn_norm"), self.cfg.rms_norm_eps)
@@ -681,7 +683,8 @@ class Pipeline:
         accs.clear()
 
     # -- MoE -----------------------------------------------------------------------------------------------------
-    def _moe(self, i, store, w, grids, by_name, info) -> None:
+    def _moe(self, i, store, w, grids, by_name, info, ffn_in: HessianAccumulator | None = None) -> None:
+        """`ffn_in`: the Hessian of the FFN input when the router refit has gathered it already."""
         cfg, opt = self.cfg, self.opt
         p = f"layers.{i}."
         E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
@@ -703,7 +706,9 @@ class Pipeline:
                     swiglu(x2, w.get("shared.gate"), w.get("shared.up"), w.get("shared.down"),
                            lambda hh: obs("shared.down", hh))
 
-            accs = self._observe(store, pass1, wanted, {"shared.in": H, "shared.down": I})
+            given = {"shared.in": ffn_in} if ffn_in is not None and "shared.in" in wanted else {}
+            accs = self._observe(store, pass1, wanted - set(given), {"shared.in": H, "shared.down": I})
+            accs.update(given)
         else:
             accs = {}
         self._quantize_group(i, w, shared, grids, by_name, accs, calibrate)

@@ -47,8 +47,9 @@ def test_linear_drift_is_undone_and_noise_never_makes_it_worse():
     fit = RouterFit(hidden, w.shape[0])
     fit.add(x_q, x_fp @ w.t())
     exact = fit.solve(w, ridge=0.0)
-    torch.testing.assert_close(exact, w @ torch.linalg.inv(drift), atol=1e-4, rtol=1e-3)
-    assert fit.error(exact) < 1e-8 * fit.error(w)
+    # X^T X is accumulated in float32 (the shared expert's GPTQ Hessian, reused): exact up to float32 sums
+    torch.testing.assert_close(exact, w @ torch.linalg.inv(drift), atol=2e-3, rtol=1e-2)
+    assert fit.error(exact) < 1e-5 * fit.error(w)
     # with noise the drift is only partly predictable: the refit still lowers the error, more so with less ridge
     noisy = x_q + 0.3 * torch.randn(x_q.shape, generator=g)
     fit = RouterFit(hidden, w.shape[0])
